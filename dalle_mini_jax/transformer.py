@@ -1,0 +1,522 @@
+"""DalleBart: the BPE text encoder and the autoregressive image-token decoder (Flax NNX).
+
+Maths as in the released DALL·E Mini / Mega checkpoints (reference §1):
+
+  encoder:  h = LN_emb(E_tok[ids] + E_pos);  per layer (normformer)
+              h = h + LN_post(SelfAttn(LN_pre h, pad mask));  h = h + GLU(h)
+            out = final_ln(h)                                   [B, T, D]
+  decoder:  h = LN_emb(E_tok[tokens] + E_pos);  per layer
+              h = h + LN_post(CausalSelfAttn(LN_pre h))
+              h = h + LN_post'(CrossAttn(LN_pre' h, enc, pad mask))
+              h = h + GLU(h)
+            logits = final_ln(h) @ lm_head                      [B, S, V]
+  GLU(x) = W2( LN_mid( gelu(W0 LN_pre x) * (W1 LN_pre x) ) )
+
+Norms are LayerNorm eps 1e-5; the "bias-only" ones have no scale. `preln` drops the
+post-attention and mid-GLU norms. No dense biases anywhere.
+
+Layers are stored stacked ([L, ...] leading axis) like the released scanned checkpoint,
+so loading is a rename. The full-sequence path runs them with `lax.scan` (optionally
+rematerialised, for training); the one-token decode step unrolls them so that XLA
+reads each layer's weights and cache slices in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import checkpoint as ckpt
+from .attention import attention, cached_attention, causal_mask, padding_mask
+from .config import DalleBartConfig
+from .sharding import constrain, param, state_shardings
+
+_ACT: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "swish": jax.nn.silu,
+    "silu": jax.nn.silu,
+}
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks (weights only; maths in the pure functions below)
+# --------------------------------------------------------------------------------------
+
+
+class Norm(nnx.Module):
+    """LayerNorm weights: a bias, and a scale unless `use_scale=False` (bias-only)."""
+
+    def __init__(self, lead: tuple[int, ...], dim: int, use_scale: bool, param_dtype, axis: str = "norm"):
+        names = ("layers",) * len(lead) + (axis,)
+        self.bias = param(jnp.zeros(lead + (dim,), param_dtype), names)
+        self.scale = param(jnp.ones(lead + (dim,), param_dtype), names) if use_scale else None
+
+
+def layer_norm(x: jax.Array, p: dict[str, jax.Array], eps: float) -> jax.Array:
+    """LayerNorm over the last axis; statistics in float32, result in x's dtype."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    if p.get("scale") is not None:
+        y = y * p["scale"].astype(jnp.float32)
+    y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class AttentionWeights(nnx.Module):
+    """q/k/v/out projections of one attention per layer: [L, D, D] each (no biases)."""
+
+    def __init__(self, L: int, D: int, init, rngs: nnx.Rngs, param_dtype):
+        def kernel(out_axis_names):
+            return param(init(rngs.params(), (L, D, D), param_dtype), ("layers",) + out_axis_names)
+
+        self.q = kernel(("embed", "heads"))
+        self.k = kernel(("embed", "heads"))
+        self.v = kernel(("embed", "heads"))
+        self.o = kernel(("heads", "embed"))
+
+
+class MlpWeights(nnx.Module):
+    """GLU (gate, value, out) or plain FFN (gate, out) weights, with their norms."""
+
+    def __init__(self, cfg: DalleBartConfig, L: int, init, rngs: nnx.Rngs, param_dtype):
+        D, F = cfg.embed_dim, cfg.mlp_dim
+        self.pre = Norm((L,), D, False, param_dtype)
+        self.wi_gate = param(init(rngs.params(), (L, D, F), param_dtype), ("layers", "embed", "mlp"))
+        self.wi_value = (
+            param(init(rngs.params(), (L, D, F), param_dtype), ("layers", "embed", "mlp"))
+            if cfg.use_glu
+            else None
+        )
+        self.mid = Norm((L,), F, False, param_dtype, axis="mlp") if cfg.ln_positions == "normformer" else None
+        self.wo = param(init(rngs.params(), (L, F, D), param_dtype), ("layers", "mlp", "embed"))
+
+
+class Layers(nnx.Module):
+    """The stacked layers of one stack (encoder: self-attention + MLP; decoder adds cross)."""
+
+    def __init__(self, cfg: DalleBartConfig, L: int, cross: bool, init, rngs, param_dtype):
+        D = cfg.embed_dim
+        post = cfg.ln_positions == "normformer"
+        self.self_pre = Norm((L,), D, False, param_dtype)
+        self.self_attn = AttentionWeights(L, D, init, rngs, param_dtype)
+        self.self_post = Norm((L,), D, True, param_dtype) if post else None
+        if cross:
+            self.cross_pre = Norm((L,), D, False, param_dtype)
+            self.cross_attn = AttentionWeights(L, D, init, rngs, param_dtype)
+            self.cross_post = Norm((L,), D, True, param_dtype) if post else None
+        self.mlp = MlpWeights(cfg, L, init, rngs, param_dtype)
+
+
+class Embedder(nnx.Module):
+    """Token table, learned absolute position table and the embedding LayerNorm."""
+
+    def __init__(self, vocab: int, length: int, D: int, init, rngs, param_dtype):
+        self.tokens = param(init(rngs.params(), (vocab, D), param_dtype), ("vocab", "embed"))
+        self.positions = param(init(rngs.params(), (length, D), param_dtype), ("positions", "embed"))
+        self.norm = Norm((), D, True, param_dtype)
+
+
+def _values(module: nnx.Module | None) -> Any:
+    """The plain-array pytree of a module's params (None stays None)."""
+    if module is None:
+        return None
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+# --------------------------------------------------------------------------------------
+# Pure layer maths
+# --------------------------------------------------------------------------------------
+
+
+def _proj(x: jax.Array, w: jax.Array, H: int) -> jax.Array:
+    """[B, N, D] @ [D, H*K] -> [B, N, H, K]."""
+    y = jnp.einsum("bnd,de->bne", x, w.astype(x.dtype))
+    return y.reshape(y.shape[:-1] + (H, -1))
+
+
+def _merge(x: jax.Array, w: jax.Array) -> jax.Array:
+    """[B, N, H, K] -> [B, N, H*K] @ [H*K, D]."""
+    x = x.reshape(x.shape[:-2] + (-1,))
+    return jnp.einsum("bne,ed->bnd", x, w.astype(x.dtype))
+
+
+def _post(p: dict, name: str, x: jax.Array, eps: float) -> jax.Array:
+    return x if p.get(name) is None else layer_norm(x, p[name], eps)
+
+
+def _mlp(cfg: DalleBartConfig, p: dict, x: jax.Array) -> jax.Array:
+    """GLU / FFN block on [B, N, D] (its own pre-norm included)."""
+    act = _ACT[cfg.activation]
+    h = layer_norm(x, p["pre"], cfg.layer_norm_eps)
+    g = act(jnp.einsum("bnd,df->bnf", h, p["wi_gate"].astype(h.dtype)))
+    if p.get("wi_value") is not None:
+        g = g * jnp.einsum("bnd,df->bnf", h, p["wi_value"].astype(h.dtype))
+    g = constrain(g, ("act_batch", "act_len", "act_mlp"))
+    g = _post(p, "mid", g, cfg.layer_norm_eps)
+    return jnp.einsum("bnf,fd->bnd", g, p["wo"].astype(g.dtype))
+
+
+def _encoder_layer(cfg: DalleBartConfig, p: dict, h: jax.Array, mask: jax.Array) -> jax.Array:
+    H, eps = cfg.num_heads, cfg.layer_norm_eps
+    a = p["self_attn"]
+    x = layer_norm(h, p["self_pre"], eps)
+    y = attention(_proj(x, a["q"], H), _proj(x, a["k"], H), _proj(x, a["v"], H), mask)
+    h = h + _post(p, "self_post", _merge(y, a["o"]), eps)
+    h = h + _mlp(cfg, p["mlp"], h)
+    return constrain(h, ("act_batch", "act_len", "act_embed"))
+
+
+def _decoder_layer(
+    cfg: DalleBartConfig,
+    p: dict,
+    h: jax.Array,
+    self_attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    cross_k: jax.Array,
+    cross_v: jax.Array,
+    enc_mask: jax.Array,
+) -> jax.Array:
+    """One decoder layer on [B, N, D]; `self_attend(q, k, v)` hides full vs cached attention."""
+    H, eps = cfg.num_heads, cfg.layer_norm_eps
+    a, c = p["self_attn"], p["cross_attn"]
+    x = layer_norm(h, p["self_pre"], eps)
+    y = self_attend(_proj(x, a["q"], H), _proj(x, a["k"], H), _proj(x, a["v"], H))
+    h = h + _post(p, "self_post", _merge(y, a["o"]), eps)
+    x = layer_norm(h, p["cross_pre"], eps)
+    y = attention(_proj(x, c["q"], H), cross_k, cross_v, enc_mask)
+    h = h + _post(p, "cross_post", _merge(y, c["o"]), eps)
+    h = h + _mlp(cfg, p["mlp"], h)
+    return constrain(h, ("act_batch", "act_len", "act_embed"))
+
+
+def _embed(cfg: DalleBartConfig, e: dict, ids: jax.Array, positions: jax.Array, dtype) -> jax.Array:
+    h = e["tokens"].astype(dtype)[ids] + e["positions"].astype(dtype)[positions]
+    h = layer_norm(h, e["norm"], cfg.layer_norm_eps)
+    return constrain(h, ("act_batch", "act_len", "act_embed"))
+
+
+def _layer_slice(tree: Any, l: int) -> Any:
+    return jax.tree.map(lambda x: x[l], tree)
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeCache:
+    """Everything the one-token decode step needs besides the weights.
+
+    Attributes:
+      self_k, self_v: [L, B, S, H, K] keys/values of the tokens decoded so far.
+      cross_k, cross_v: [L, B, T, H, K] encoder keys/values, computed once per prompt.
+      enc_mask: [B, 1, 1, T] encoder padding mask.
+    """
+
+    self_k: jax.Array
+    self_v: jax.Array
+    cross_k: jax.Array
+    cross_v: jax.Array
+    enc_mask: jax.Array
+
+
+class DalleBart(nnx.Module):
+    """Text encoder + image-token decoder.
+
+    Args:
+      config: the model shape and options.
+      rngs: initialisation randomness (normal(init_std) everywhere, norms 1/0).
+      dtype: compute dtype (activations, cache).
+      param_dtype: storage dtype of the weights.
+    """
+
+    def __init__(self, config: DalleBartConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.remat = False  # rematerialise each layer in the full-sequence path (training)
+        cfg = config
+        init = jax.nn.initializers.normal(cfg.init_std)
+        D = cfg.embed_dim
+        self.enc_embed = Embedder(cfg.text_vocab_size, cfg.text_len, D, init, rngs, param_dtype)
+        self.enc_layers = Layers(cfg, cfg.num_encoder_layers, False, init, rngs, param_dtype)
+        self.enc_final = Norm((), D, False, param_dtype) if cfg.use_final_ln else None
+        self.dec_embed = Embedder(cfg.decoder_vocab_size, cfg.image_len, D, init, rngs, param_dtype)
+        self.dec_layers = Layers(cfg, cfg.num_decoder_layers, True, init, rngs, param_dtype)
+        self.dec_final = Norm((), D, False, param_dtype) if cfg.use_final_ln else None
+        self.lm_head = param(init(rngs.params(), (D, cfg.decoder_vocab_size), param_dtype), ("embed", "vocab"))
+
+    # ---- forward ---------------------------------------------------------------------
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, decoder_input_ids: jax.Array) -> jax.Array:
+        """Teacher-forced logits.
+
+        Args:
+          input_ids: [B, T] int text tokens.
+          attention_mask: [B, T] 1 for real tokens, 0 for padding.
+          decoder_input_ids: [B, S'] int, S' <= image_len: BOS then image tokens.
+
+        Returns:
+          logits [B, S', V] (V = image_vocab_size + 1), float32.
+        """
+        enc = self.encode(input_ids, attention_mask)
+        return self.decode(decoder_input_ids, enc, attention_mask)
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """[B, T] ids, [B, T] mask -> encoder output [B, T, D] (compute dtype)."""
+        cfg = self.config
+        self._check_text(input_ids, attention_mask)
+        T = input_ids.shape[1]
+        h = _embed(cfg, _values(self.enc_embed), input_ids, jnp.arange(T), self.dtype)
+        mask = padding_mask(attention_mask)
+
+        def body(h, p):
+            return _encoder_layer(cfg, p, h, mask), None
+
+        h, _ = jax.lax.scan(self._maybe_remat(body), h, _values(self.enc_layers))
+        return self._final(h, self.enc_final)
+
+    def decode(self, decoder_input_ids: jax.Array, enc: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Full-sequence decoder: [B, S'] tokens + encoder output -> logits [B, S', V] float32."""
+        cfg = self.config
+        S = decoder_input_ids.shape[1]
+        if S > cfg.image_len:
+            raise ValueError(f"decoder_input_ids has {S} positions; the model has image_len={cfg.image_len}")
+        h = _embed(cfg, _values(self.dec_embed), decoder_input_ids, jnp.arange(S), self.dtype)
+        enc_mask = padding_mask(attention_mask)
+        mask = causal_mask(S)
+        H = cfg.num_heads
+
+        def body(h, p):
+            c = p["cross_attn"]
+            ck, cv = _proj(enc, c["k"], H), _proj(enc, c["v"], H)
+            attend = lambda q, k, v: attention(q, k, v, mask)  # noqa: E731
+            return _decoder_layer(cfg, p, h, attend, ck, cv, enc_mask), None
+
+        h, _ = jax.lax.scan(self._maybe_remat(body), h, _values(self.dec_layers))
+        return self._logits(self._final(h, self.dec_final))
+
+    # ---- KV-cached decoding ---------------------------------------------------------
+    def init_cache(self, enc: jax.Array, attention_mask: jax.Array) -> DecodeCache:
+        """Preallocate the self-attention cache and compute cross-attention K/V once.
+
+        Args:
+          enc: [B, T, D] encoder output.
+          attention_mask: [B, T].
+        """
+        cfg = self.config
+        B, T, _ = enc.shape
+        L, H, K, S = cfg.num_decoder_layers, cfg.num_heads, cfg.head_dim, cfg.image_len
+        cross = _values(self.dec_layers)["cross_attn"]
+        ck = jnp.einsum("btd,lde->lbte", enc, cross["k"].astype(enc.dtype)).reshape(L, B, T, H, K)
+        cv = jnp.einsum("btd,lde->lbte", enc, cross["v"].astype(enc.dtype)).reshape(L, B, T, H, K)
+        zeros = jnp.zeros((L, B, S, H, K), self.dtype)
+        names = (None, "act_batch", "act_len", "act_heads", "act_kv")
+        return DecodeCache(
+            self_k=constrain(zeros, names),
+            self_v=constrain(zeros, names),
+            cross_k=constrain(ck, names),
+            cross_v=constrain(cv, names),
+            enc_mask=padding_mask(attention_mask),
+        )
+
+    def decode_step(self, tokens: jax.Array, position: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        """Logits for one position, given all earlier ones in the cache.
+
+        Args:
+          tokens: [B] int, the token at `position` (BOS at position 0).
+          position: scalar int32 in [0, image_len).
+          cache: from `init_cache`, holding positions < `position`.
+
+        Returns:
+          (logits [B, V] float32 predicting position+1's token, the updated cache).
+        """
+        cfg = self.config
+        h = _embed(cfg, _values(self.dec_embed), tokens[:, None], position[None], self.dtype)
+        layers = _values(self.dec_layers)
+        new_k, new_v = [], []
+        for l in range(cfg.num_decoder_layers):
+            kc, vc = cache.self_k[l], cache.self_v[l]
+
+            def attend(q, k, v, kc=kc, vc=vc):
+                new_k.append(k[:, 0])
+                new_v.append(v[:, 0])
+                return cached_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc, position)[:, None]
+
+            h = _decoder_layer(
+                cfg, _layer_slice(layers, l), h, attend, cache.cross_k[l], cache.cross_v[l], cache.enc_mask
+            )
+        logits = self._logits(self._final(h, self.dec_final))[:, 0]
+        upd = lambda c, n: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            c, jnp.stack(n)[:, :, None].astype(c.dtype), position, axis=2
+        )
+        cache = dataclasses.replace(cache, self_k=upd(cache.self_k, new_k), self_v=upd(cache.self_v, new_v))
+        return logits, cache
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _final(self, h: jax.Array, norm: Norm | None) -> jax.Array:
+        return h if norm is None else layer_norm(h, _values(norm), self.config.layer_norm_eps)
+
+    def _logits(self, h: jax.Array) -> jax.Array:
+        logits = jnp.einsum("bsd,dv->bsv", h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("act_batch", "act_len", "act_vocab"))
+
+    def _maybe_remat(self, body):
+        return jax.checkpoint(body, prevent_cse=False) if self.remat else body
+
+    def _check_text(self, input_ids, attention_mask):
+        cfg = self.config
+        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+            raise ValueError(
+                f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, T]"
+            )
+        if input_ids.shape[1] > cfg.text_len:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens; the model has text_len={cfg.text_len} "
+                "(tokenize with truncation to text_len)"
+            )
+
+    # ---- model directories ----------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=jnp.float32, mesh=None) -> "DalleBart":
+        """Load a released-format model directory (config.json + flax_model.msgpack).
+
+        Weights are cast to `dtype` tensor by tensor while reading (a bf16 load never
+        holds an fp32 copy of the model) and computation runs in `dtype`. With `mesh`,
+        each tensor is placed sharded as the rule table says.
+
+        Raises:
+          CheckpointError: missing/damaged files, or tensors missing, unexpected or
+            misshapen (each named with expected and found shapes).
+          ConfigError: config.json asks for an option this code does not implement.
+        """
+        path = ckpt.model_dir(path, "DalleBart model")
+        config = DalleBartConfig.load(path / ckpt.CONFIG_NAME)
+        flat = ckpt.read_msgpack(path / ckpt.MSGPACK_NAME, dtype=jnp.dtype(dtype))
+        flat = stack_unscanned(flat, config)
+        return cls.from_released_params(config, flat, dtype=dtype, mesh=mesh, source=str(path / ckpt.MSGPACK_NAME))
+
+    @classmethod
+    def from_released_params(cls, config: DalleBartConfig, flat: dict[str, np.ndarray], dtype=jnp.float32,
+                             mesh=None, source: str = "params") -> "DalleBart":
+        """Build a model from a flat released parameter tree (`{"model/encoder/...": array}`)."""
+        abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+        graphdef, state = nnx.split(abstract)
+        names = released_names(config)
+        ours_flat = ckpt.flatten(nnx.to_pure_dict(state))
+        expected = {names[k]: tuple(v.shape) for k, v in ours_flat.items()}
+        ckpt.check_tree(flat, expected, source)
+        shardings = None if mesh is None else ckpt.flatten(nnx.to_pure_dict(state_shardings(state, mesh)))
+        values = {}
+        for ours, released in names.items():
+            arr = np.asarray(flat[released])
+            if arr.dtype != jnp.dtype(dtype):
+                arr = arr.astype(jnp.dtype(dtype))
+            values[ours] = jax.device_put(arr, None if shardings is None else shardings[ours])
+        nnx.replace_by_pure_dict(state, ckpt.unflatten(values))
+        return nnx.merge(graphdef, state)
+
+    def released_params(self) -> dict[str, np.ndarray]:
+        """The flat released parameter tree of this model, as numpy arrays."""
+        ours = ckpt.flatten(nnx.to_pure_dict(nnx.state(self, nnx.Param)))
+        names = released_names(self.config)
+        return {names[k]: np.asarray(jax.device_get(v)) for k, v in ours.items()}
+
+    def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
+        """Write config.json + flax_model.msgpack (released format), plus tokenizer files if given."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.save(path / ckpt.CONFIG_NAME)
+        ckpt.write_msgpack(path / ckpt.MSGPACK_NAME, self.released_params())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------
+# The released parameter tree
+# --------------------------------------------------------------------------------------
+
+
+def released_names(cfg: DalleBartConfig) -> dict[str, str]:
+    """Map each of our flat param paths to its path in the released (scanned) tree.
+
+    Flax compact modules are auto-named in creation order, so a LayerNorm's released
+    name depends on which norms exist (normformer vs preln): count them.
+    """
+    names: dict[str, str] = {"lm_head": "lm_head/kernel"}
+    for side, stack in (("enc", "encoder"), ("dec", "decoder")):
+        root = f"model/{stack}"
+        names[f"{side}_embed/tokens"] = f"{root}/embed_tokens/embedding"
+        names[f"{side}_embed/positions"] = f"{root}/embed_positions/embedding"
+        names[f"{side}_embed/norm/scale"] = f"{root}/layernorm_embedding/scale"
+        names[f"{side}_embed/norm/bias"] = f"{root}/layernorm_embedding/bias"
+        if cfg.use_final_ln:
+            names[f"{side}_final/bias"] = f"{root}/final_ln/bias"
+        layer = f"{root}/layers/FlaxBart{'Encoder' if side == 'enc' else 'Decoder'}Layers"
+        post = cfg.ln_positions == "normformer"
+        n_ln = 0
+        attns = [("self", "FlaxBartAttention_0")] + ([("cross", "FlaxBartAttention_1")] if side == "dec" else [])
+        for kind, attn_name in attns:
+            names[f"{side}_layers/{kind}_pre/bias"] = f"{layer}/LayerNorm_{n_ln}/bias"
+            n_ln += 1
+            for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+                names[f"{side}_layers/{kind}_attn/{ours}"] = f"{layer}/{attn_name}/{theirs}/kernel"
+            if post:
+                names[f"{side}_layers/{kind}_post/scale"] = f"{layer}/LayerNorm_{n_ln}/scale"
+                names[f"{side}_layers/{kind}_post/bias"] = f"{layer}/LayerNorm_{n_ln}/bias"
+                n_ln += 1
+        mlp = f"{layer}/{'GLU_0' if cfg.use_glu else 'FFN_0'}"
+        names[f"{side}_layers/mlp/pre/bias"] = f"{mlp}/LayerNorm_0/bias"
+        names[f"{side}_layers/mlp/wi_gate"] = f"{mlp}/Dense_0/kernel"
+        if cfg.use_glu:
+            names[f"{side}_layers/mlp/wi_value"] = f"{mlp}/Dense_1/kernel"
+            names[f"{side}_layers/mlp/wo"] = f"{mlp}/Dense_2/kernel"
+        else:
+            names[f"{side}_layers/mlp/wo"] = f"{mlp}/Dense_1/kernel"
+        if post:
+            names[f"{side}_layers/mlp/mid/bias"] = f"{mlp}/LayerNorm_1/bias"
+    return names
+
+
+def stack_unscanned(flat: dict[str, np.ndarray], cfg: DalleBartConfig) -> dict[str, np.ndarray]:
+    """Accept the unscanned layout (`FlaxBartEncoderLayer_{i}/...`, from `DalleBart.unscan`).
+
+    Stacks per-layer tensors into the scanned `FlaxBartEncoderLayers/...` [L, ...] form.
+    A scanned tree is returned unchanged.
+    """
+    out: dict[str, np.ndarray] = {}
+    groups: dict[str, dict[int, np.ndarray]] = {}
+    for key, v in flat.items():
+        parts = key.split("/")
+        for j, part in enumerate(parts):
+            for kind in ("Encoder", "Decoder"):
+                prefix = f"FlaxBart{kind}Layer_"
+                if part.startswith(prefix) and part[len(prefix):].isdigit():
+                    scanned = "/".join(parts[:j] + [f"FlaxBart{kind}Layers"] + parts[j + 1:])
+                    groups.setdefault(scanned, {})[int(part[len(prefix):])] = v
+                    break
+            else:
+                continue
+            break
+        else:
+            out[key] = v
+    for key, per_layer in groups.items():
+        n = len(per_layer)
+        if sorted(per_layer) != list(range(n)):
+            raise ckpt.CheckpointError(f"unscanned checkpoint has layers {sorted(per_layer)} for {key}")
+        out[key] = np.stack([per_layer[i] for i in range(n)])
+    return out
+
+
+def count_params(model: nnx.Module) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
