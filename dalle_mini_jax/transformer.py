@@ -408,7 +408,10 @@ class DalleBart(nnx.Module):
     @classmethod
     def from_released_params(cls, config: DalleBartConfig, flat: dict[str, np.ndarray], dtype=jnp.float32,
                              mesh=None, source: str = "params") -> "DalleBart":
-        """Build a model from a flat released parameter tree (`{"model/encoder/...": array}`)."""
+        """Build a model from a flat released parameter tree (`{"model/encoder/...": array}`).
+
+        `flat` is consumed: its arrays are moved to the device one by one.
+        """
         abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
         graphdef, state = nnx.split(abstract)
         names = released_names(config)
@@ -418,7 +421,9 @@ class DalleBart(nnx.Module):
         shardings = None if mesh is None else ckpt.flatten(nnx.to_pure_dict(state_shardings(state, mesh)))
         values = {}
         for ours, released in names.items():
-            arr = np.asarray(flat[released])
+            # pop: each numpy tensor is freed once it is on the device, so the peak is
+            # one model copy plus one tensor, not two model copies.
+            arr = np.asarray(flat.pop(released))
             if arr.dtype != jnp.dtype(dtype):
                 arr = arr.astype(jnp.dtype(dtype))
             values[ours] = jax.device_put(arr, None if shardings is None else shardings[ours])
