@@ -138,9 +138,11 @@ class DalleBartConfig:
             "use_final_ln_encoder": self.use_final_ln,
             "use_final_ln_decoder": self.use_final_ln,
             "normalize_text": self.normalize_text,
-            "pad_token_id": self.image_vocab_size + 1,
-            "bos_token_id": self.image_vocab_size + 1,
-            "eos_token_id": self.image_vocab_size + 1,
+            # The released configs put pad/bos/eos one past the decoder start id (16385 for
+            # mini *and* mega), not one past image_vocab_size (which would be 16416 for mega).
+            "pad_token_id": self.bos_token_id + 1,
+            "bos_token_id": self.bos_token_id + 1,
+            "eos_token_id": self.bos_token_id + 1,
             "decoder_start_token_id": self.bos_token_id,
             "forced_eos_token_id": None,
             "min_length": self.image_len + 1,
