@@ -61,7 +61,7 @@ def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     """
     if len(names) != np.ndim(value):
         raise ValueError(f"{len(names)} axis names {tuple(names)} for a {np.ndim(value)}-d value")
-    return nnx.Param(value, sharding_names=tuple(names), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
