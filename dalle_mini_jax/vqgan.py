@@ -1,0 +1,624 @@
+"""The taming-transformers VQGAN in Flax NNX: encoder, vector quantizer, decoder.
+
+The module tree is named exactly like the released `dalle-mini/vqgan_imagenet_f16_16384`
+checkpoint (the vqgan-jax layout), so the converter between our nnx state and the
+released flat tree is the identity on names (`released_name`):
+
+    encoder/conv_in                  encoder/down_{i}/block_{j}, attn_{j}, downsample/conv
+    encoder/mid/{block_1,attn_1,block_2}   encoder/norm_out   encoder/conv_out
+    quant_conv   quantize/embedding/embedding   post_quant_conv
+    decoder/conv_in   decoder/mid/...   decoder/up_{i}/block_{j}, attn_{j}, upsample/conv
+    decoder/norm_out   decoder/conv_out
+
+Everything is NHWC; conv kernels are HWIO `(kh, kw, in, out)` like flax `nn.Conv`.
+
+Pixel space. The dalle-mini pipeline feeds the encoder images in **[0, 1]** (its encode
+notebook passes webdataset `decode("rgb")` floats straight in) and clips the decoder
+output to [0, 1] (inference notebook: `clip(0, 1) * 255`), and min-dalle clips the same
+way. Taming trained in [-1, 1], but the released dalle-mini codes were made from [0, 1]
+inputs, so to reproduce the released images we do exactly what that pipeline does: no
+`x * 2 - 1` on the way in, `clip(0, 1)` on the way out. A VQGAN trained with this code
+learns the same [0, 1] convention.
+
+Attention placement follows taming (and min-dalle): `attn_j` runs right after
+`block_j`. Old vqgan-jax versions ran every `attn_*` after every block; that was fixed
+upstream (patil-suraj/vqgan-jax#10) and the released weights were trained with the
+taming order.
+
+Dropout is not implemented: the released config has dropout 0 and our config has no
+dropout field.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dalle_mini_jax.checkpoint import (
+    CONFIG_NAME,
+    MSGPACK_NAME,
+    check_tree,
+    model_dir,
+    read_msgpack,
+    write_msgpack,
+)
+from dalle_mini_jax.config import VQGANConfig
+from dalle_mini_jax.sharding import constrain, param
+
+DEFAULT_BETA = 0.25  # taming's commitment cost
+
+
+# --------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------
+
+
+class Conv(nnx.Module):
+    """2-D convolution, NHWC input, HWIO kernel, with bias (flax `nn.Conv` params).
+
+    Args:
+      in_channels, out_channels: channel widths.
+      kernel_size: square kernel side (1 or 3 here).
+      stride: 1, or 2 for the encoder's downsampling conv.
+      padding: ((top, bottom), (left, right)); None = "same" for stride 1.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        stride: int = 1,
+        padding: tuple[tuple[int, int], tuple[int, int]] | None = None,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ):
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        # LeCun normal (fan_in = kh*kw*in), flax's default for Conv: keeps the activation
+        # scale through the ~40 convs of the f16 decoder.
+        kernel = nnx.initializers.lecun_normal()(rngs.params(), shape, param_dtype)
+        self.kernel = param(kernel, (None, None, "conv_in", "conv_out"))
+        self.bias = param(jnp.zeros((out_channels,), param_dtype), ("conv_out",))
+        self.stride = stride
+        half = kernel_size // 2
+        self.padding = ((half, half), (half, half)) if padding is None else padding
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, in] -> [B, H', W', out] in the compute dtype."""
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        if kernel.shape[:2] == (1, 1) and self.stride == 1:
+            # A 1x1 conv is a matmul over channels; XLA:CPU runs a dot faster than a conv.
+            y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
+        else:
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(self.stride, self.stride),
+                padding=self.padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+        return y + self.bias[...].astype(self.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over (H, W, C/G) per group, with `scale` and `bias` per channel.
+
+    Statistics are computed in float32 whatever the compute dtype: bf16 means and
+    variances over 65k positions lose too many bits.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        groups: int,
+        eps: float,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ):
+        self.scale = param(jnp.ones((channels,), param_dtype), ("norm",))
+        self.bias = param(jnp.zeros((channels,), param_dtype), ("norm",))
+        self.groups = groups
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] -> [B, H, W, C] in the compute dtype."""
+        b, h, w, c = x.shape
+        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+        mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+        # Two-pass variance (like torch), not E[x^2] - E[x]^2, which cancels badly.
+        centred = xg - mean
+        var = jnp.square(centred).mean(axis=(1, 2, 4), keepdims=True)
+        y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class ResnetBlock(nnx.Module):
+    """norm1 -> swish -> conv1 -> norm2 -> swish -> conv2, plus a (1x1) shortcut.
+
+    `nin_shortcut` exists only when the width changes, as in the released tree.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, config: VQGANConfig, *,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        conv_kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        norm_kw = dict(groups=config.norm_groups, eps=config.norm_eps, dtype=dtype,
+                       param_dtype=param_dtype)
+        self.norm1 = GroupNorm(in_channels, **norm_kw)
+        self.conv1 = Conv(in_channels, out_channels, 3, **conv_kw)
+        self.norm2 = GroupNorm(out_channels, **norm_kw)
+        self.conv2 = Conv(out_channels, out_channels, 3, **conv_kw)
+        if in_channels != out_channels:
+            self.nin_shortcut = Conv(in_channels, out_channels, 1, **conv_kw)
+        else:
+            self.nin_shortcut = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, in] -> [B, H, W, out]."""
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x.astype(h.dtype) + h
+
+
+class AttnBlock(nnx.Module):
+    """Single-head self-attention over the H*W positions, scale C^-1/2, residual."""
+
+    def __init__(self, channels: int, config: VQGANConfig, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        conv_kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = GroupNorm(channels, groups=config.norm_groups, eps=config.norm_eps,
+                              dtype=dtype, param_dtype=param_dtype)
+        self.q = Conv(channels, channels, 1, **conv_kw)
+        self.k = Conv(channels, channels, 1, **conv_kw)
+        self.v = Conv(channels, channels, 1, **conv_kw)
+        self.proj_out = Conv(channels, channels, 1, **conv_kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] -> [B, H, W, C]."""
+        b, hgt, wid, c = x.shape
+        h = self.norm(x)
+        q = self.q(h).reshape(b, hgt * wid, c)
+        k = self.k(h).reshape(b, hgt * wid, c)
+        v = self.v(h).reshape(b, hgt * wid, c)
+        # Logits and softmax in float32 so bf16 compute does not saturate the softmax.
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * (c ** -0.5), axis=-1).astype(v.dtype)
+        h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, hgt, wid, c)
+        return x.astype(h.dtype) + self.proj_out(h)
+
+
+class Downsample(nnx.Module):
+    """3x3 conv with stride 2 on the input padded by one row/column at the bottom/right.
+
+    Taming pads (0, 1, 0, 1) instead of symmetrically; the asymmetric padding is folded
+    into the conv's padding argument.
+    """
+
+    def __init__(self, channels: int, **kw):
+        self.conv = Conv(channels, channels, 3, stride=2, padding=((0, 1), (0, 1)), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] -> [B, H/2, W/2, C]."""
+        return self.conv(x)
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, **kw):
+        self.conv = Conv(channels, channels, 3, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] -> [B, 2H, 2W, C]."""
+        b, h, w, c = x.shape
+        # Broadcast + reshape is the exact nearest x2 (out[i] = in[i // 2]), one copy.
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+        return self.conv(x.reshape(b, 2 * h, 2 * w, c))
+
+
+class _Level(nnx.Module):
+    """One resolution level: `block_j` ResnetBlocks, each followed by `attn_j` if any.
+
+    Children are attributes named `block_0`, `attn_0`, ... so that the state paths are
+    the released names.
+    """
+
+    def _build_blocks(self, in_ch, out_ch, count, with_attn, config, kw):
+        self.num_blocks = count
+        self.has_attn = with_attn
+        for j in range(count):
+            setattr(self, f"block_{j}", ResnetBlock(in_ch if j == 0 else out_ch, out_ch,
+                                                    config, **kw))
+            if with_attn:
+                setattr(self, f"attn_{j}", AttnBlock(out_ch, config, **kw))
+
+    def _run_blocks(self, x: jax.Array) -> jax.Array:
+        for j in range(self.num_blocks):
+            x = getattr(self, f"block_{j}")(x)
+            if self.has_attn:
+                x = getattr(self, f"attn_{j}")(x)
+        return x
+
+
+class DownBlock(_Level):
+    """Encoder level i: num_res_blocks blocks (+attn), then a stride-2 conv unless last."""
+
+    def __init__(self, config: VQGANConfig, level: int, **kw):
+        in_ch = config.channels * ((1,) + config.channel_mult)[level]
+        out_ch = config.channels * config.channel_mult[level]
+        res = config.resolution // 2**level
+        self._build_blocks(in_ch, out_ch, config.num_res_blocks,
+                           res in config.attn_resolutions, config, kw)
+        last = level == len(config.channel_mult) - 1
+        self.downsample = None if last else Downsample(out_ch, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, in] -> [B, H/2, W/2, out] (H, W kept at the last level)."""
+        x = self._run_blocks(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class UpBlock(_Level):
+    """Decoder level i: num_res_blocks + 1 blocks (+attn), then upsample unless level 0."""
+
+    def __init__(self, config: VQGANConfig, level: int, **kw):
+        mult = config.channel_mult
+        in_ch = config.channels * (mult[level + 1] if level + 1 < len(mult) else mult[-1])
+        out_ch = config.channels * mult[level]
+        res = config.resolution // 2**level
+        self._build_blocks(in_ch, out_ch, config.num_res_blocks + 1,
+                           res in config.attn_resolutions, config, kw)
+        self.upsample = Upsample(out_ch, **kw) if level != 0 else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, in] -> [B, 2H, 2W, out] (H, W kept at level 0)."""
+        x = self._run_blocks(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class MidBlock(nnx.Module):
+    """block_1 -> attn_1 -> block_2 at the lowest resolution."""
+
+    def __init__(self, channels: int, config: VQGANConfig, **kw):
+        self.block_1 = ResnetBlock(channels, channels, config, **kw)
+        self.attn_1 = AttnBlock(channels, config, **kw)
+        self.block_2 = ResnetBlock(channels, channels, config, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+# --------------------------------------------------------------------------------------
+# Encoder, quantizer, decoder
+# --------------------------------------------------------------------------------------
+
+
+class Encoder(nnx.Module):
+    """Images -> latents: [B, H, W, in_channels] -> [B, H/f, W/f, z_channels].
+
+    Args:
+      config: the VQGAN shape.
+      rngs: parameter initialisation.
+      dtype: compute dtype; param_dtype: storage dtype of the weights.
+    """
+
+    def __init__(self, config: VQGANConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.num_levels = len(config.channel_mult)
+        self.conv_in = Conv(config.in_channels, config.channels, 3, **kw)
+        for i in range(self.num_levels):
+            setattr(self, f"down_{i}", DownBlock(config, i, **kw))
+        top = config.channels * config.channel_mult[-1]
+        self.mid = MidBlock(top, config, **kw)
+        self.norm_out = GroupNorm(top, groups=config.norm_groups, eps=config.norm_eps,
+                                  dtype=dtype, param_dtype=param_dtype)
+        self.conv_out = Conv(top, config.z_channels, 3, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv_in(x)
+        for i in range(self.num_levels):
+            h = getattr(self, f"down_{i}")(h)
+        h = self.mid(h)
+        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+
+
+class Decoder(nnx.Module):
+    """Latents -> images: [B, h, w, z_channels] -> [B, h*f, w*f, out_channels].
+
+    The levels run from `up_{n-1}` (lowest resolution) down to `up_0`. The output is the
+    raw last conv, neither clipped nor rescaled.
+    """
+
+    def __init__(self, config: VQGANConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.num_levels = len(config.channel_mult)
+        top = config.channels * config.channel_mult[-1]
+        bottom = config.channels * config.channel_mult[0]
+        self.conv_in = Conv(config.z_channels, top, 3, **kw)
+        self.mid = MidBlock(top, config, **kw)
+        for i in range(self.num_levels):
+            setattr(self, f"up_{i}", UpBlock(config, i, **kw))
+        self.norm_out = GroupNorm(bottom, groups=config.norm_groups, eps=config.norm_eps,
+                                  dtype=dtype, param_dtype=param_dtype)
+        self.conv_out = Conv(bottom, config.out_channels, 3, **kw)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        h = self.mid(self.conv_in(z))
+        for i in reversed(range(self.num_levels)):
+            h = getattr(self, f"up_{i}")(h)
+        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+
+
+class Embedding(nnx.Module):
+    """The codebook table, [codebook_size, embed_dim], at `quantize/embedding/embedding`."""
+
+    def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        # Taming's init: uniform(-1/K, 1/K).
+        table = jax.random.uniform(rngs.params(), (num, dim), param_dtype, -1.0 / num, 1.0 / num)
+        self.embedding = param(table, ("codebook", None))
+
+
+class VectorQuantizer(nnx.Module):
+    """Nearest-code quantization with a straight-through gradient.
+
+    Args:
+      codebook_size: K codes.
+      embed_dim: D, the code width.
+    """
+
+    def __init__(self, codebook_size: int, embed_dim: int, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.embedding = Embedding(codebook_size, embed_dim, rngs=rngs, param_dtype=param_dtype)
+        self.dtype = dtype
+
+    @property
+    def codebook(self) -> jax.Array:
+        """[K, D] code vectors."""
+        return self.embedding.embedding[...]
+
+    def nearest(self, z: jax.Array) -> jax.Array:
+        """Index of the nearest code to each vector: [..., D] -> [...] int32.
+
+        argmin_k ||z||^2 + ||e_k||^2 - 2 z.e_k, in float32 whatever the compute dtype,
+        so a bf16 model picks the same codes as an fp32 one wherever they are not ties.
+        """
+        e = self.codebook.astype(jnp.float32)
+        zf = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+        dist = (
+            jnp.sum(zf**2, axis=1, keepdims=True)
+            + jnp.sum(e**2, axis=1)[None, :]
+            - 2.0 * zf @ e.T
+        )
+        return jnp.argmin(dist, axis=1).astype(jnp.int32).reshape(z.shape[:-1])
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        """Code vectors of `indices`: [...] int -> [..., D] in the compute dtype."""
+        return jnp.take(self.codebook, indices, axis=0).astype(self.dtype)
+
+    def __call__(
+        self, z: jax.Array, *, beta: float = DEFAULT_BETA
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """Quantize z: [B, h, w, D].
+
+        Returns:
+          z_q: [B, h, w, D] the nearest codes, with the straight-through gradient
+            (d z_q / d z = identity).
+          indices: [B, h, w] int32.
+          aux: float32 scalars `codebook_loss` = mean((sg(z) - e)^2) (moves the codes),
+            `commitment_loss` = beta * mean((z - sg(e))^2) (moves the encoder),
+            `quant_loss` = their sum, and `perplexity` = exp(entropy of code usage).
+        """
+        indices = self.nearest(z)
+        e = self.lookup(indices).astype(jnp.float32)
+        zf = z.astype(jnp.float32)
+        codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(zf) - e))
+        commitment_loss = beta * jnp.mean(jnp.square(zf - jax.lax.stop_gradient(e)))
+        z_q = zf + jax.lax.stop_gradient(e - zf)
+        counts = jnp.bincount(indices.reshape(-1), length=self.codebook.shape[0])
+        probs = counts / indices.size
+        perplexity = jnp.exp(-jnp.sum(probs * jnp.log(jnp.where(probs > 0, probs, 1.0))))
+        aux = {
+            "codebook_loss": codebook_loss,
+            "commitment_loss": commitment_loss,
+            "quant_loss": codebook_loss + commitment_loss,
+            "perplexity": perplexity,
+        }
+        return z_q.astype(self.dtype), indices, aux
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+class VQModel(nnx.Module):
+    """VQGAN: encoder -> quant_conv -> quantize -> post_quant_conv -> decoder.
+
+    Pixels are in [0, 1] on both sides (see the module docstring). Codes are
+    [B, S] int32 in row-major order over the h x w token grid (S = h * w).
+
+    Args:
+      config: the VQGAN shape (`VQGAN_PRESETS`).
+      rngs: parameter initialisation.
+      dtype: compute dtype (activations); GroupNorm statistics, attention softmax,
+        code search and losses stay float32.
+      param_dtype: storage dtype of the weights.
+
+    Methods are traceable; jit them from outside, e.g.
+    `nnx.jit(lambda m, c: m.decode_code(c))(model, codes)`.
+    """
+
+    def __init__(self, config: VQGANConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.config = config
+        self.dtype = dtype
+        self.encoder = Encoder(config, **kw)
+        self.quant_conv = Conv(config.z_channels, config.embed_dim, 1, **kw)
+        self.quantize = VectorQuantizer(config.codebook_size, config.embed_dim, **kw)
+        self.post_quant_conv = Conv(config.embed_dim, config.z_channels, 1, **kw)
+        self.decoder = Decoder(config, **kw)
+
+    # ---- encode ---------------------------------------------------------------------
+    def encode_latents(self, images: jax.Array) -> jax.Array:
+        """Pre-quantization latents: [B, H, W, 3] in [0, 1] -> [B, H/f, W/f, embed_dim]."""
+        images = constrain(images, ("act_batch", None, None, None))
+        return self.quant_conv(self.encoder(images))
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        """Images to codes: [B, H, W, 3] float in [0, 1] -> [B, S] int32, row-major."""
+        indices = self.quantize.nearest(self.encode_latents(images))
+        return indices.reshape(indices.shape[0], -1)
+
+    # ---- decode ---------------------------------------------------------------------
+    def decode(self, z_q: jax.Array) -> jax.Array:
+        """Quantized latents to raw pixels: [B, h, w, embed_dim] -> [B, H, W, 3] float32.
+
+        The output is not clipped (training needs its gradient everywhere).
+        """
+        z_q = constrain(z_q, ("act_batch", None, None, None))
+        return self.decoder(self.post_quant_conv(z_q)).astype(jnp.float32)
+
+    def decode_code(self, codes: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
+        """Codes to images: [B, S] int -> [B, h*f, w*f, 3] float32 clipped to [0, 1].
+
+        Args:
+          codes: [B, S] code ids in [0, codebook_size), row-major over the token grid.
+            An id out of range gives NaN pixels (jnp.take's fill mode) rather than a
+            silently clamped code.
+          grid: (h, w) of the token grid; default square, h = w = sqrt(S).
+        """
+        b, s = codes.shape
+        if grid is None:
+            side = math.isqrt(s)
+            if side * side != s:
+                raise ValueError(f"{s} codes per image do not form a square grid; pass grid=(h, w)")
+            grid = (side, side)
+        if grid[0] * grid[1] != s:
+            raise ValueError(f"grid {grid} does not hold {s} codes")
+        z_q = self.quantize.lookup(codes.reshape(b, *grid))
+        return jnp.clip(self.decode(z_q), 0.0, 1.0)
+
+    # ---- training -------------------------------------------------------------------
+    def __call__(
+        self, images: jax.Array, *, beta: float = DEFAULT_BETA
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Encode, quantize (straight-through) and decode, for training.
+
+        Args:
+          images: [B, H, W, 3] float in [0, 1].
+          beta: commitment cost.
+
+        Returns:
+          recon: [B, H, W, 3] float32, raw decoder output (not clipped, so the loss
+            has a gradient outside [0, 1]).
+          aux: `codebook_loss`, `commitment_loss`, `quant_loss`, `perplexity` (float32
+            scalars, see `VectorQuantizer`) and `indices` [B, S] int32.
+        """
+        z_q, indices, aux = self.quantize(self.encode_latents(images), beta=beta)
+        aux = dict(aux, indices=indices.reshape(indices.shape[0], -1))
+        return self.decode(z_q), aux
+
+    reconstruct = __call__
+
+    # ---- model directory ------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype=jnp.float32,
+                        param_dtype=None) -> "VQModel":
+        """Load a released-format directory (`config.json` + `flax_model.msgpack`).
+
+        Args:
+          path: the model directory.
+          dtype: compute dtype.
+          param_dtype: dtype the weights are loaded in (each tensor is cast as it is
+            read, so bf16 loading never holds an fp32 copy); default `dtype`.
+
+        Raises:
+          CheckpointError: a tensor is missing, unexpected or misshapen (each named with
+            its path and shapes), or the file is damaged.
+        """
+        path = model_dir(path, "VQGAN")
+        config = VQGANConfig.load(path / CONFIG_NAME)
+        param_dtype = dtype if param_dtype is None else param_dtype
+        flat = read_msgpack(path / MSGPACK_NAME, dtype=np.dtype(param_dtype))
+        return cls.from_released_params(config, flat, source=str(path / MSGPACK_NAME),
+                                        dtype=dtype, param_dtype=param_dtype)
+
+    @classmethod
+    def from_released_params(cls, config: VQGANConfig, flat: Mapping[str, Any], *,
+                             source: str = "VQGAN params", dtype=jnp.float32,
+                             param_dtype=jnp.float32) -> "VQModel":
+        """Build a model from a flat released tree `{"encoder/conv_in/kernel": array}`.
+
+        The model is built abstractly (no initialisation runs), checked against `flat`
+        with `check_tree`, then filled with the given arrays cast to `param_dtype`.
+        """
+        abstract = nnx.eval_shape(
+            lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+        graphdef, state = nnx.split(abstract)
+        flat_state = nnx.to_flat_state(state)
+        check_tree(flat, {released_name(p): v.shape for p, v in flat_state}, source)
+        filled = [
+            (p, v.replace(jnp.asarray(flat[released_name(p)], dtype=param_dtype)))
+            for p, v in flat_state
+        ]
+        return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+    def released_params(self) -> dict[str, np.ndarray]:
+        """The flat released tree of this model's weights, as host numpy arrays."""
+        return {
+            released_name(p): np.asarray(jax.device_get(v[...]))
+            for p, v in nnx.to_flat_state(nnx.state(self, nnx.Param))
+        }
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write `config.json` + `flax_model.msgpack` in the released format.
+
+        Weights are written in their storage dtype, so save -> load is bit-exact.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_msgpack(path / MSGPACK_NAME, self.released_params())
+        self.config.save(path / CONFIG_NAME)
+
+
+def released_name(path: tuple[Any, ...]) -> str:
+    """Our nnx state path -> the released flat key.
+
+    Our attribute names are the released names (`down_0/block_1/norm1/scale`,
+    `quantize/embedding/embedding`, ...), so the mapping is the join. It is the one place
+    to change if a module is ever renamed.
+    """
+    return "/".join(str(k) for k in path)
+
+
+def released_param_shapes(config: VQGANConfig) -> dict[str, tuple[int, ...]]:
+    """Flat released tree of shapes for `config`, without allocating any weights."""
+    abstract = nnx.eval_shape(lambda: VQModel(config, rngs=nnx.Rngs(0)))
+    return {
+        released_name(p): tuple(v.shape)
+        for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    }
+
+
+__all__ = [
+    "DEFAULT_BETA", "Conv", "GroupNorm", "ResnetBlock", "AttnBlock", "Downsample", "Upsample",
+    "DownBlock", "UpBlock", "MidBlock", "Encoder", "Decoder", "Embedding", "VectorQuantizer",
+    "VQModel", "released_name", "released_param_shapes",
+]
