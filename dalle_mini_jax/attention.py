@@ -79,6 +79,34 @@ def cached_attention(
     return (out / denom[..., None]).astype(q.dtype)
 
 
+def attend_cache(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, position: jax.Array
+) -> jax.Array:
+    """One decode step of causal self-attention over a cache that already holds the token.
+
+    Written as multiply-and-reduce rather than einsum: a dot would need the cache
+    transposed to [B, H, S, K] (a copy of the whole layer cache every step on XLA:CPU),
+    while the fused reductions read it once, in place.
+
+    Args:
+      q: [B, H, K] query of the token at `position`.
+      k_cache, v_cache: [B, S, H, K]; entries at <= position are valid (the current
+        token's key/value included), later ones are ignored.
+      position: scalar int, index of the current token.
+
+    Returns:
+      [B, H, K] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    qf = q.astype(jnp.float32)
+    logits = (qf[:, None] * k_cache.astype(jnp.float32)).sum(-1) * scale  # [B, S, H]
+    valid = jnp.arange(k_cache.shape[1]) <= position
+    logits = jnp.where(valid[None, :, None], logits, NEG_INF)
+    weights = jax.nn.softmax(logits, axis=1)  # over S
+    out = (weights[..., None] * v_cache.astype(jnp.float32)).sum(1)  # [B, H, K]
+    return out.astype(q.dtype)
+
+
 def causal_mask(length: int) -> jax.Array:
     """[1, 1, length, length] lower-triangular mask (True = may attend)."""
     return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]

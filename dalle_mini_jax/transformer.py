@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from . import checkpoint as ckpt
-from .attention import attention, cached_attention, causal_mask, padding_mask
+from .attention import attend_cache, attention, cached_attention, causal_mask, padding_mask
 from .config import DalleBartConfig
 from .sharding import constrain, param, state_shardings
 
@@ -219,7 +219,8 @@ class DecodeCache:
     """Everything the one-token decode step needs besides the weights.
 
     Attributes:
-      self_k, self_v: [L, B, S, H, K] keys/values of the tokens decoded so far.
+      self_k, self_v: [L, B, S, H, K] keys/values of the tokens decoded so far, or a
+        list of L [B, S, H, K] arrays (separate buffers, which XLA updates in place).
       cross_k, cross_v: [L, B, T, H, K] encoder keys/values, computed once per prompt.
       enc_mask: [B, 1, 1, T] encoder padding mask.
     """
@@ -329,37 +330,52 @@ class DalleBart(nnx.Module):
             enc_mask=padding_mask(attention_mask),
         )
 
-    def decode_step(self, tokens: jax.Array, position: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+    def decode_step(self, tokens: jax.Array, position: jax.Array, cache: DecodeCache,
+                    layers: list[Any] | None = None) -> tuple[jax.Array, DecodeCache]:
         """Logits for one position, given all earlier ones in the cache.
 
         Args:
           tokens: [B] int, the token at `position` (BOS at position 0).
           position: scalar int32 in [0, image_len).
           cache: from `init_cache`, holding positions < `position`.
+          layers: optional, the decoder layer weights as L separate pytrees (each like
+            `self.dec_layers` without its [L] axis; cross-attention k/v may be left
+            out: they live in the cache). XLA:CPU copies a slice of a stacked weight
+            before a dot, which triples the memory traffic of a weight-bound step;
+            the sampler passes separate per-layer buffers instead. Same logits.
 
         Returns:
           (logits [B, V] float32 predicting position+1's token, the updated cache).
         """
         cfg = self.config
         h = _embed(cfg, _values(self.dec_embed), tokens[:, None], position[None], self.dtype)
-        layers = _values(self.dec_layers)
-        new_k, new_v = [], []
+        stacked = _values(self.dec_layers) if layers is None else None
+        # Each layer first writes its new key/value into the cache, then attends over
+        # positions <= `position` of the updated cache, so every read of the cache comes
+        # after (depends on) its write. With per-layer cache buffers (a list, as the
+        # sampler keeps them) XLA then updates each in place; a stacked [L, ...] cache
+        # works too but XLA:CPU copies it every step.
+        per_layer = isinstance(cache.self_k, (list, tuple))
+        self_k = list(cache.self_k) if per_layer else cache.self_k
+        self_v = list(cache.self_v) if per_layer else cache.self_v
         for l in range(cfg.num_decoder_layers):
-            kc, vc = cache.self_k[l], cache.self_v[l]
 
-            def attend(q, k, v, kc=kc, vc=vc):
-                new_k.append(k[:, 0])
-                new_v.append(v[:, 0])
-                return cached_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc, position)[:, None]
+            def attend(q, k, v, l=l):
+                nonlocal self_k, self_v
+                if per_layer:
+                    at = (0, position, 0, 0)
+                    self_k[l] = jax.lax.dynamic_update_slice(self_k[l], k.astype(self_k[l].dtype), at)
+                    self_v[l] = jax.lax.dynamic_update_slice(self_v[l], v.astype(self_v[l].dtype), at)
+                else:
+                    at = (l, 0, position, 0, 0)
+                    self_k = jax.lax.dynamic_update_slice(self_k, k[None].astype(self_k.dtype), at)
+                    self_v = jax.lax.dynamic_update_slice(self_v, v[None].astype(self_v.dtype), at)
+                return attend_cache(q[:, 0], self_k[l], self_v[l], position)[:, None]
 
-            h = _decoder_layer(
-                cfg, _layer_slice(layers, l), h, attend, cache.cross_k[l], cache.cross_v[l], cache.enc_mask
-            )
+            p = _layer_slice(stacked, l) if layers is None else layers[l]
+            h = _decoder_layer(cfg, p, h, attend, cache.cross_k[l], cache.cross_v[l], cache.enc_mask)
         logits = self._logits(self._final(h, self.dec_final))[:, 0]
-        upd = lambda c, n: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-            c, jnp.stack(n)[:, :, None].astype(c.dtype), position, axis=2
-        )
-        cache = dataclasses.replace(cache, self_k=upd(cache.self_k, new_k), self_v=upd(cache.self_v, new_v))
+        cache = dataclasses.replace(cache, self_k=self_k, self_v=self_v)
         return logits, cache
 
     # ---- helpers ---------------------------------------------------------------------

@@ -1,0 +1,460 @@
+"""Sampling image tokens: guidance, temperature / top-k / top-p, and the jitted decode loop.
+
+Everything numeric here is a pure function of arrays; `TokenSampler` only holds the
+compiled versions for one model.
+
+Per step, in the order of the original dalle-mini (reference §4.1):
+
+  1. guidance (super-conditioning) on the raw logits:
+       logits = uncond + guidance * (cond - uncond)
+     The conditional and unconditional rows go through the decoder as ONE batch
+     (rows [0, B) conditional, [B, 2B) unconditional) and share one KV cache.
+  2. only real image codes are kept: ids >= `num_codes` (BOS, and Mega's padding
+     ids) are sliced off, so they can never be sampled whatever their logits.
+  3. temperature, 4. top-k, 5. top-p, 6. a categorical draw (Gumbel-argmax).
+
+Randomness. Every image has its own key, and the token at image position i is drawn
+with `fold_in(image_key, i)`. Rows never share a key and no key is split across the
+batch, so an image does not depend on which other images are in the batch, on the
+batch size or on the device count (up to float rounding of differently shaped
+matmuls, which in practice never flips a draw). `image_keys` derives the image key
+from (seed, prompt text, index of the image for that prompt) — see its docstring.
+
+The loop. `TokenSampler.start` encodes the prompts once, computes the
+cross-attention keys/values once per distinct prompt (they are then gathered to the
+batch rows) and preallocates the self-attention cache as L buffers [rows, S, H, K].
+The decoder weights a step reads are passed as separate per-layer buffers too
+(`split_decoder_layers`): XLA:CPU copies a slice of a stacked weight or cache before
+using it, which would triple the memory traffic of a bandwidth-bound step.
+`TokenSampler.run(state, start, stop)` runs decode steps start..stop-1 as one
+`lax.fori_loop` inside one jitted call, with the state donated so the cache is
+updated in place. Step bounds are traced values, so a full 256-step run and a run in
+chunks of k steps (progress bars, progressive previews) use the same compiled code
+and give identical tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import zlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .sharding import activate, constrain
+from .transformer import DalleBart, DecodeCache
+
+# Defaults of the original dalle-mini inference notebook, which the released models were
+# shown with: condition scale 10, and top-k 50 (its `top_k=None` falls back to the HF
+# PretrainedConfig default of 50, reference §4.1). min-dalle uses 16 and 256.
+DEFAULT_GUIDANCE = 10.0
+DEFAULT_TOP_K = 50
+
+# How many times each jitted function has been traced (tests check for recompiles).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How tokens are drawn.
+
+    Attributes:
+      temperature: > 0; logits are divided by it (after guidance).
+      top_k: keep the k most likely codes (exactly k; ties at the boundary go to the
+        lower id), or None for all. Clipped to the number of codes.
+      top_p: nucleus sampling: keep the smallest set of most likely codes whose
+        probability sums to >= top_p (codes tied with the last one kept are kept too),
+        in (0, 1]; None or 1 = off.
+      guidance: super-conditioning scale; None or 1 = no unconditional rows at all.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = DEFAULT_TOP_K
+    top_p: float | None = None
+    guidance: float | None = DEFAULT_GUIDANCE
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
+                and np.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.guidance is not None and not np.isfinite(self.guidance):
+            raise ValueError(f"guidance must be a finite number or None, got {self.guidance!r}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether unconditional rows are needed (guidance other than None / 1)."""
+        return self.guidance is not None and float(self.guidance) != 1.0
+
+    @property
+    def uses_top_p(self) -> bool:
+        return self.top_p is not None and float(self.top_p) < 1.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Pure per-step maths
+# --------------------------------------------------------------------------------------
+
+
+def apply_guidance(logits: jax.Array, guidance: jax.Array) -> jax.Array:
+    """Super-conditioning: [2B, V] (cond rows, then uncond rows) -> [B, V].
+
+    logits = uncond + guidance * (cond - uncond), on raw logits, as the original.
+    """
+    cond, uncond = jnp.split(logits, 2, axis=0)
+    return uncond + guidance * (cond - uncond)
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """Keep exactly the k largest logits per row, -inf elsewhere.
+
+    Args:
+      logits: [B, V] float.
+      k: static; clipped to V.
+
+    Returns:
+      [B, V]; ties at the k-th value are broken toward the lower id (`lax.top_k`).
+    """
+    k = min(int(k), logits.shape[-1])
+    if k >= logits.shape[-1]:
+        return logits
+    _, idx = jax.lax.top_k(logits, k)
+    keep = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], idx].set(True)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Nucleus filter: keep the smallest most-likely set with probability >= top_p.
+
+    A code is kept when the probability of the codes strictly more likely than it
+    (in sorted order) is < top_p, so the most likely code is always kept; codes
+    tied with the last kept one are kept too.
+
+    Args:
+      logits: [B, V] float (may hold -inf from top-k).
+      top_p: scalar in (0, 1].
+
+    Returns:
+      [B, V] with dropped logits set to -inf.
+    """
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the codes ranked above
+    kept = before < top_p
+    # The smallest kept logit is the threshold (kept is a prefix of the sorted row).
+    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def warp_logits(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: int | None,
+    top_p: jax.Array | None,
+) -> jax.Array:
+    """Temperature, then top-k, then top-p (the original's order). [B, V] -> [B, V] f32."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        logits = top_k_mask(logits, top_k)
+    if top_p is not None:
+        logits = top_p_mask(logits, top_p)
+    return logits
+
+
+def sample_codes(
+    keys: jax.Array,
+    logits: jax.Array,
+    position: jax.Array,
+    num_codes: int,
+    temperature: jax.Array,
+    top_k: int | None,
+    top_p: jax.Array | None,
+) -> jax.Array:
+    """Draw one image code per row.
+
+    Args:
+      keys: [B] typed PRNG keys, one per image.
+      logits: [B, V] guided logits (V may include BOS / padding ids).
+      position: scalar, index of the image token being drawn; row b uses
+        `fold_in(keys[b], position)`.
+      num_codes: static; only ids < num_codes can be drawn.
+      temperature, top_k, top_p: see `SamplingSettings`.
+
+    Returns:
+      [B] int32 codes in [0, num_codes).
+    """
+    logits = warp_logits(logits[:, :num_codes], temperature, top_k, top_p)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position)
+    return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+
+
+def image_keys(seed: int, prompts: Sequence[str], indices: Sequence[int]) -> jax.Array:
+    """One PRNG key per image: fold_in(fold_in(key(seed), crc32(prompt)), index).
+
+    Image `index` of `prompt` under `seed` is therefore the same image whatever else is
+    in the call (other prompts, num_images, batch size, devices). The prompt text is
+    folded in so that two different prompts in one call do not share their noise
+    (which would correlate their compositions); the same prompt twice gives the same
+    images.
+
+    Args:
+      seed: any int (taken modulo 2**32... via jax.random.key).
+      prompts: [N] the prompt of each image, as given by the user.
+      indices: [N] the index of each image among its prompt's images.
+
+    Returns:
+      [N] typed keys.
+    """
+    base = jax.random.key(int(seed) % 2**32)
+    hashes = np.asarray([zlib.crc32(p.encode("utf-8")) for p in prompts], np.uint32)
+    idx = np.asarray(indices, np.uint32)
+    if len(hashes) != len(idx):
+        raise ValueError(f"{len(prompts)} prompts but {len(indices)} indices")
+    fold = jax.vmap(lambda h, i: jax.random.fold_in(jax.random.fold_in(base, h), i))
+    return fold(jnp.asarray(hashes), jnp.asarray(idx))
+
+
+# --------------------------------------------------------------------------------------
+# The decode state and the jitted loop
+# --------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """What the decode loop carries between steps (and between chunks of steps).
+
+    Attributes:
+      cache: the decoder KV cache over all rows (cond rows, then uncond rows if guided).
+      tokens: [B, S] int32 image codes drawn so far (entries >= the next position are 0).
+      last: [B] int32 the token fed at the next position (BOS before position 0).
+    """
+
+    cache: DecodeCache
+    tokens: jax.Array
+    last: jax.Array
+
+
+_CACHE_NAMES = (None, "act_batch", "act_len", "act_heads", "act_kv")
+
+
+def start_state(
+    model: DalleBart,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    rows: jax.Array,
+    uncond_row: jax.Array | None,
+) -> DecodeState:
+    """Encode the distinct prompts once and build the decode state for the image rows.
+
+    Args:
+      model: the DalleBart.
+      input_ids, attention_mask: [P, T] the distinct prompts (plus, if guided, the
+        unconditional prompt as one more row).
+      rows: [B] int, which of the P text rows each image uses.
+      uncond_row: scalar int index of the unconditional text row, or None (unguided).
+
+    Returns:
+      DecodeState with 2B rows (guided) or B rows.
+    """
+    cfg = model.config
+    enc = model.encode(input_ids, attention_mask)
+    # Cross K/V once per distinct prompt, gathered to the rows afterwards: a 3x3 grid of
+    # one prompt computes them for 2 text rows, not 18.
+    small = model.init_cache(enc, attention_mask)
+    B = rows.shape[0]
+    sel = rows if uncond_row is None else jnp.concatenate([rows, jnp.full((B,), uncond_row, rows.dtype)])
+    L, R, S, H, K = cfg.num_decoder_layers, sel.shape[0], cfg.image_len, cfg.num_heads, cfg.head_dim
+    # Self-attention cache as L separate buffers: XLA:CPU updates those in place, while
+    # a stacked [L, ...] cache gets copied every step (see DalleBart.decode_step).
+    zeros = lambda: constrain(jnp.zeros((R, S, H, K), small.self_k.dtype), _CACHE_NAMES[1:])  # noqa: E731
+    cache = DecodeCache(
+        self_k=[zeros() for _ in range(L)],
+        self_v=[zeros() for _ in range(L)],
+        cross_k=constrain(small.cross_k[:, sel], _CACHE_NAMES),
+        cross_v=constrain(small.cross_v[:, sel], _CACHE_NAMES),
+        enc_mask=small.enc_mask[sel],
+    )
+    return DecodeState(
+        cache=cache,
+        tokens=jnp.zeros((B, S), jnp.int32),
+        last=jnp.full((B,), cfg.bos_token_id, jnp.int32),
+    )
+
+
+def decode_steps(
+    model: DalleBart,
+    layers: list[Any] | None,
+    state: DecodeState,
+    keys: jax.Array,
+    begin: jax.Array,
+    end: jax.Array,
+    temperature: jax.Array,
+    guidance: jax.Array | None,
+    top_k: int | None,
+    top_p: jax.Array | None,
+) -> DecodeState:
+    """Run decode steps begin..end-1 in one `lax.fori_loop`.
+
+    Step i feeds the token at decoder position i (BOS at 0) and draws image token i.
+
+    Args:
+      model: the DalleBart.
+      layers: its decoder layers as separate per-layer buffers (`split_decoder_layers`),
+        or None to slice the stacked weights (XLA:CPU then copies each slice).
+      state: from `start_state` or a previous call.
+      keys: [B] typed image keys.
+      begin, end: int32 scalars (traced: every chunk size shares one compilation).
+      temperature, guidance, top_p: float32 scalars (guidance None = unguided rows;
+        top_p None = no nucleus filter).
+      top_k: static int or None.
+
+    Returns:
+      the advanced DecodeState.
+    """
+    num_codes = model.config.num_image_codes
+    guided = guidance is not None
+
+    def body(i, st: DecodeState) -> DecodeState:
+        fed = jnp.concatenate([st.last, st.last]) if guided else st.last
+        logits, cache = model.decode_step(fed, i, st.cache, layers)
+        if guided:
+            logits = apply_guidance(logits, guidance)
+        codes = sample_codes(keys, logits, i, num_codes, temperature, top_k, top_p)
+        tokens = jax.lax.dynamic_update_slice_in_dim(st.tokens, codes[:, None], i, axis=1)
+        return DecodeState(cache=cache, tokens=tokens, last=codes)
+
+    return jax.lax.fori_loop(begin, end, body, state)
+
+
+# Decoder-layer weights a decode step never reads: the cross-attention keys/values of the
+# prompt are computed once by `init_cache`.
+_NOT_PER_STEP = ("cross_attn/k", "cross_attn/v")
+
+
+@jax.jit
+def _unstack(x: jax.Array) -> tuple[jax.Array, ...]:
+    """[L, ...] -> L arrays [...] (new buffers)."""
+    return tuple(x[l] for l in range(x.shape[0]))
+
+
+def split_decoder_layers(model: DalleBart, release_stacked: bool = False) -> list[dict]:
+    """The decoder layers' per-step weights as L separate pytrees of separate buffers.
+
+    Args:
+      model: a DalleBart whose stacked [L, ...] decoder weights may be sharded; each
+        per-layer array keeps the sharding of its stack minus the layer axis.
+      release_stacked: free each stacked array once it is split (so the weights are
+        held once), replacing it in the model by an empty placeholder. The model can
+        then still `encode`, `init_cache` and `decode_step(..., layers=...)`, but not
+        run its full-sequence `decode`: only for a model owned by a pipeline.
+
+    Returns:
+      [L] nested dicts like `_values(model.dec_layers)` without the layer axis and
+      without the cross-attention k/v kernels.
+    """
+    L = model.config.num_decoder_layers
+    per_layer: list[dict] = [{} for _ in range(L)]
+    for path, var in nnx.iter_graph(model.dec_layers):
+        if not isinstance(var, nnx.Param):
+            continue
+        key = "/".join(str(k) for k in path)
+        if key in _NOT_PER_STEP:
+            continue
+        x = var[...]
+        parts = _unstack(x)  # each part keeps the stack's sharding minus the layer axis
+        for l in range(L):
+            node = per_layer[l]
+            *parents, leaf = key.split("/")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[leaf] = parts[l]
+        if release_stacked:
+            # Wait for the copies before freeing the stack: dispatch is asynchronous, and
+            # without this every stack would stay alive until the end (peak + 1 decoder).
+            jax.block_until_ready(parts)
+            var.set_value(jnp.zeros((0,), x.dtype))
+            x.delete()
+    return per_layer
+
+
+# Module-level jitted functions with the model's graphdef (and the mesh, which tracing
+# reads through `activate`) as static arguments: two samplers of the same architecture
+# share their compilations.
+def _start_impl(graphdef, mesh, params, input_ids, attention_mask, rows, uncond_row):
+    TRACE_COUNTS["start"] += 1
+    model = nnx.merge(graphdef, params)
+    return start_state(model, input_ids, attention_mask, rows, uncond_row)
+
+
+def _run_impl(graphdef, mesh, params, layers, state, keys, begin, end, temperature, guidance, top_p, top_k):
+    TRACE_COUNTS["run"] += 1
+    model = nnx.merge(graphdef, params)
+    return decode_steps(model, layers, state, keys, begin, end, temperature, guidance, top_k, top_p)
+
+
+_jit_start = jax.jit(_start_impl, static_argnums=(0, 1))
+_jit_run = jax.jit(_run_impl, static_argnums=(0, 1), donate_argnums=(4,), static_argnames=("top_k",))
+
+
+class TokenSampler:
+    """Compiled `start_state` / `decode_steps` for one model (and optional mesh).
+
+    The model's parameters are passed to the compiled functions as arguments (not
+    baked in as constants), and the decode state is donated, so each chunk updates
+    the KV cache in place. The decoder layers are passed as separate per-layer
+    buffers (`split_decoder_layers`). Calls with the same shapes and the same static
+    settings (top_k, whether guided, whether top-p) never retrace; see `TRACE_COUNTS`.
+
+    Args:
+      model: a DalleBart (parameters already sharded if `mesh` is given).
+      mesh: the mesh its parameters live on, or None. Tracing happens inside
+        `sharding.activate(mesh)` so activations follow the rule table.
+      release_stacked: hand the stacked decoder weights over to the sampler instead of
+        holding them twice (see `split_decoder_layers`); for a model the caller owns.
+    """
+
+    def __init__(self, model: DalleBart, mesh=None, release_stacked: bool = False):
+        self.config = model.config
+        self.mesh = mesh
+        self._layers = split_decoder_layers(model, release_stacked=release_stacked)
+        self._graphdef, self._params = nnx.split(model)
+
+    def start(self, input_ids, attention_mask, rows, uncond_row: int | None) -> DecodeState:
+        """See `start_state`; inputs are host arrays."""
+        with activate(self.mesh):
+            return _jit_start(
+                self._graphdef, self.mesh, self._params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+                jnp.asarray(rows, jnp.int32), None if uncond_row is None else jnp.int32(uncond_row),
+            )
+
+    def run(self, state: DecodeState, keys: jax.Array, begin: int, end: int,
+            settings: SamplingSettings) -> DecodeState:
+        """Decode steps begin..end-1 (see `decode_steps`). `state` is consumed."""
+        top_k = settings.top_k
+        if top_k is not None and top_k >= self.config.num_image_codes:
+            top_k = None  # keeping every code is no filter: skip the work
+        with activate(self.mesh):
+            return _jit_run(
+                self._graphdef, self.mesh, self._params, self._layers, state, keys, jnp.int32(begin), jnp.int32(end),
+                jnp.float32(settings.temperature),
+                jnp.float32(settings.guidance) if settings.guided else None,
+                jnp.float32(settings.top_p) if settings.uses_top_p else None,
+                top_k=None if top_k is None else int(top_k),
+            )

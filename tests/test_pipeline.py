@@ -1,0 +1,117 @@
+"""DalleMini end to end on a tiny random model directory."""
+
+import numpy as np
+import pytest
+
+from dalle_mini_jax import DalleMini, sampling
+from dalle_mini_jax.pipeline import NEUTRAL_GREY, image_grid, resolve_dtype
+from dalle_mini_jax.sharding import make_mesh
+from tests.model_dirs import tiny_model_dir  # noqa: F401  (fixture)
+
+PROMPTS = ["a red square on a white background", "three green triangles in a row"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):  # noqa: F811
+    return DalleMini.from_pretrained(tiny_model_dir)
+
+
+def _arr(images):
+    return np.stack([np.asarray(i) for i in images])
+
+
+def test_generate_shapes_order_and_metadata(pipe):
+    images = pipe.generate(PROMPTS, num_images=2, seed=3)
+    assert len(images) == 4
+    side = pipe.vqgan.config.resolution
+    assert all(i.size == (side, side) and i.mode == "RGB" for i in images)
+    assert [i.info["prompt"] for i in images] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert [i.info["index"] for i in images] == ["0", "1", "0", "1"]
+    assert images[0].info["seed"] == "3" and "guidance" in images[0].info["settings"]
+    # A single prompt string works too.
+    assert len(pipe.generate(PROMPTS[0])) == 1
+
+
+def test_seed_invariance_across_calls(pipe):
+    """Image k of prompt p is the same whatever else the call holds."""
+    both = pipe.generate_codes(PROMPTS, num_images=2, seed=5)                 # one batch of 4
+    alone = pipe.generate_codes([PROMPTS[1]], num_images=2, seed=5)           # other prompts
+    split = pipe.generate_codes(PROMPTS, num_images=2, batch_size=2, seed=5)  # other batches
+    np.testing.assert_array_equal(both[2:], alone)
+    np.testing.assert_array_equal(both, split)
+    other_seed = pipe.generate_codes([PROMPTS[1]], num_images=2, seed=6)
+    assert not np.array_equal(other_seed, alone)
+    assert both.max() < pipe.config.num_image_codes
+
+
+def test_second_call_does_not_recompile(pipe):
+    pipe.generate(PROMPTS, num_images=1, seed=0)
+    before = dict(sampling.TRACE_COUNTS)
+    pipe.generate(PROMPTS, num_images=1, seed=9, guidance=4.0, temperature=0.7)
+    assert dict(sampling.TRACE_COUNTS) == before
+
+
+def test_stream_previews_and_final_equal_generate(pipe):
+    final = _arr(pipe.generate(PROMPTS[0], num_images=2, seed=1))
+    frames = list(pipe.generate_stream(PROMPTS[0], num_images=2, seed=1, every=5))
+    S = pipe.config.image_len
+    assert [f.step for f in frames] == [5, 10, 15, S]
+    assert frames[-1].final and not frames[0].final
+    np.testing.assert_array_equal(_arr(frames[-1].images), final)
+    # Not-yet-generated token cells are neutral grey; generated ones are decoded.
+    grid = int(np.sqrt(S))
+    f = pipe.vqgan.config.resolution // grid
+    first = _arr(frames[0].images)  # 5 tokens done: cells 0..4 of a 4x4 grid
+    grey = round(NEUTRAL_GREY * 255) - 1  # uint8(0.5 * 255) = 127
+    for cell in range(S):
+        r, c = divmod(cell, grid)
+        block = first[:, r * f:(r + 1) * f, c * f:(c + 1) * f]
+        if cell >= 5:
+            assert (block == grey).all()
+    assert not (first[:, :f, :f] == grey).all()  # generated cell 0 is decoded, not painted
+
+
+def test_sharded_pipeline_gives_the_same_images(tiny_model_dir, pipe):  # noqa: F811
+    want = _arr(pipe.generate(PROMPTS, num_images=2, seed=2))
+    sharded = DalleMini.from_pretrained(tiny_model_dir, mesh=make_mesh(data=2, tensor=4))
+    got = _arr(sharded.generate(PROMPTS, num_images=2, seed=2))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # same codes; pixel rounding
+
+
+def test_bfloat16_load(tiny_model_dir):  # noqa: F811
+    import jax.numpy as jnp
+
+    p = DalleMini.from_pretrained(tiny_model_dir, dtype="bfloat16")
+    assert p.model.enc_embed.tokens[...].dtype == jnp.bfloat16
+    assert p.vqgan.decoder.conv_in.kernel[...].dtype == jnp.bfloat16
+    assert p.sampler._layers[0]["mlp"]["wi_gate"].dtype == jnp.bfloat16
+
+
+def test_errors(tmp_path, pipe):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DalleMini.from_pretrained(tmp_path / "nope")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("float8")
+    with pytest.raises(ValueError, match="no prompts"):
+        pipe.generate([])
+    with pytest.raises(ValueError, match="num_images"):
+        pipe.generate("x", num_images=0)
+    with pytest.raises(ValueError, match="top_p"):
+        pipe.generate("x", top_p=1.5)
+
+
+def test_bundled_model_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from dalle_mini_jax import pipeline
+
+    monkeypatch.setattr(pipeline, "BUNDLED_MODEL_DIR", tmp_path / "bundled" / "model")
+    with pytest.raises(FileNotFoundError, match="no bundled model"):
+        DalleMini.from_pretrained()
+
+
+def test_image_grid():
+    from PIL import Image
+
+    imgs = [Image.new("RGB", (4, 4), (i * 40, 0, 0)) for i in range(5)]
+    g = image_grid(imgs)
+    assert g.size == (12, 8)
+    assert g.getpixel((4, 0)) == (40, 0, 0) and g.getpixel((0, 4)) == (120, 0, 0)

@@ -1,0 +1,147 @@
+# The bundled model, end to end, from the repository root (BUNDLED.md has times and results):
+#
+#   # 1. the shapes VQGAN (64x64 -> 8x8 codes), or reuse runs/vqgan_shapes/model if it exists
+#   dalle-mini-jax train-vqgan --config training/configs/vqgan_shapes.py --workdir runs/vqgan_shapes
+#   # 2. encode the training and validation sets with it (shapes seeds 0 and 1)
+#   dalle-mini-jax encode --data shapes:60000:0 --vqgan runs/vqgan_shapes/model --out runs/bundled_data/train
+#   dalle-mini-jax encode --data shapes:2000:1 --vqgan runs/vqgan_shapes/model --out runs/bundled_data/valid
+#   # 3. a small BPE on the (normalized) training captions
+#   python training/configs/bundled_shapes.py tokenizer
+#   # 4. train the transformer (exports runs/bundled/model with the tokenizer and the VQGAN)
+#   dalle-mini-jax train --config training/configs/bundled_shapes.py --workdir runs/bundled
+#   # 5. measure, then ship
+#   dalle-mini-jax eval shapes --model runs/bundled/model --prompts 400 --images-per-prompt 4
+#   python training/configs/bundled_shapes.py ship runs/bundled/model
+#
+# tiny variant (every stage in seconds, same paths under runs/bundled_tiny*):
+#   --config training/configs/bundled_shapes.py:tiny
+"""The model bundled with the package: a small DalleBart over the shapes VQGAN.
+
+Why this shape. It must train in under an hour on a 2-core CPU and ship in a few MB, and
+the shapes grammar is tiny (about 40 words, 8x8 = 64 image codes), so width buys little
+and examples seen buy a lot:
+- D=128, 4 heads of 32, GLU width 384, 2 encoder + 4 decoder layers (1.7 M parameters,
+  6.8 MB in float32): the encoder only has to bind colour/size/shape/position words
+  (captions are at most 27 tokens), the decoder has to lay out 64 codes consistently;
+- a BPE of at most 512 ids trained on the normalized captions (367 come out: the merges
+  stop once every grammar word is one token), so the longest caption (27 tokens, BOS and
+  EOS included) fits text_len=32;
+- AdamW at 2e-3 with 200 warmup steps and cosine decay to 10 %, batch 32 (more updates
+  per minute beat bigger batches at this budget on a CPU);
+- 15 % blank captions, so the model also learns the unconditional distribution that
+  guidance (super-conditioning) subtracts;
+- the data are read once per epoch in a seeded order: 60k encoded examples are about
+  as many as the run consumes, so nothing is seen more than about twice.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dalle_mini_jax.config import VQGAN_PRESETS, VQGANConfig, transformer_preset
+from dalle_mini_jax.train_config import DataConfig, OptimizerConfig, SampleConfig, TrainConfig
+
+VQGAN_DIR = "runs/vqgan_shapes/model"  # dalle-mini-jax train-vqgan --workdir runs/vqgan_shapes
+DATA_DIR = "runs/bundled_data"  # encoded train/ and valid/ shards, tokenizer/
+VOCAB_SIZE = 512  # BPE ids (an upper bound): 5 specials + 256 bytes + merges (~106 used)
+TEXT_LEN = 32  # longest shapes caption: 27 tokens with this BPE (BOS and EOS included)
+
+
+def _vqgan_config(vqgan_dir: str) -> VQGANConfig:
+    """The VQGAN the codes come from (its codebook and grid fix the image vocabulary)."""
+    path = Path(vqgan_dir) / "config.json"
+    return VQGANConfig.load(path) if path.is_file() else VQGAN_PRESETS["shapes"]
+
+
+def get_config(variant: str | None = None) -> TrainConfig:
+    data_dir, vqgan_dir = DATA_DIR, VQGAN_DIR
+    if variant == "tiny":
+        data_dir = DATA_DIR.replace("bundled_data", "bundled_tiny_data")
+    elif variant not in (None, ""):
+        raise ValueError(f"unknown variant {variant!r}: use none or 'tiny'")
+    vq = _vqgan_config(vqgan_dir)
+    model = transformer_preset("shapes").replace(
+        embed_dim=128, num_heads=4, mlp_dim=384, num_encoder_layers=2, num_decoder_layers=4,
+        text_vocab_size=VOCAB_SIZE, text_len=TEXT_LEN,
+        image_vocab_size=vq.codebook_size, image_len=vq.num_tokens,
+    )
+    cfg = TrainConfig(
+        model=model,
+        seed=0,
+        steps=6000,
+        batch_size=32,
+        optimizer=OptimizerConfig(name="adamw", lr=2e-3, warmup_steps=200, schedule="cosine",
+                                  end_lr_ratio=0.1, weight_decay=0.01, clip_norm=1.0),
+        data=DataConfig(train=f"{data_dir}/train", valid=f"{data_dir}/valid",
+                        tokenizer=f"{data_dir}/tokenizer", vqgan=vqgan_dir,
+                        blank_caption_prob=0.15),
+        log_every=50,
+        eval_every=1000,
+        eval_batches=20,
+        checkpoint_every=500,
+        sample=SampleConfig(every=0),
+    )
+    if variant == "tiny":
+        cfg = cfg.replace(steps=20, log_every=5, eval_every=10, checkpoint_every=10)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# The two steps that are not a `dalle-mini-jax` subcommand
+# --------------------------------------------------------------------------------------
+
+
+def train_tokenizer(data_dir: str = DATA_DIR) -> Path:
+    """BPE on the normalized captions of DATA_DIR/train -> DATA_DIR/tokenizer."""
+    from dalle_mini_jax.data import read_encoded
+    from dalle_mini_jax.text import TextNormalizer, train_bpe
+
+    captions, _ = read_encoded(f"{data_dir}/train")
+    normalize = TextNormalizer()  # the model normalizes prompts, so the BPE sees them so
+    out = Path(data_dir) / "tokenizer"
+    texts = [normalize(c) for c in captions]
+    # text_len only sets how the returned tokenizer pads (the files do not hold it): a long
+    # one measures the untruncated length of every caption.
+    tok = train_bpe(texts, VOCAB_SIZE, out_dir=out, text_len=4 * TEXT_LEN)
+    longest = int(tok(texts)["attention_mask"].sum(1).max())
+    print(f"tokenizer in {out}: longest caption {longest} of {TEXT_LEN} tokens")
+    if longest > TEXT_LEN:
+        raise SystemExit(f"captions of {longest} tokens do not fit text_len={TEXT_LEN}")
+    return out
+
+
+def ship(model_dir: str, dest: str | None = None) -> Path:
+    """Copy an exported model directory into the package (dalle_mini_jax/bundled/model).
+
+    The whole directory (transformer + tokenizer + VQGAN in vqgan/) must stay under the
+    25 MB the package allows; at this size float32 weights fit (6.8 MB + the VQGAN).
+    """
+    import shutil
+
+    here = Path(__file__).resolve().parents[2]
+    dest = Path(dest) if dest else here / "dalle_mini_jax" / "bundled" / "model"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns("*.tmp", ".*"))
+    for path in dest.rglob("*"):
+        # save_pretrained writes 0600 files: installed, they must be readable by everyone.
+        path.chmod(0o755 if path.is_dir() else 0o644)
+        if path.is_file():  # copytree keeps old mtimes, which lets a stale build/ win
+            path.touch()
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    print(f"{dest}: {size / 2**20:.2f} MiB")
+    if size > 25 * 2**20:
+        raise SystemExit("over 25 MB: store the weights as float16 or make the model smaller")
+    return dest
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    if what == "tokenizer":
+        train_tokenizer(*sys.argv[2:3])
+    elif what == "ship":
+        ship(*sys.argv[2:4])
+    else:
+        raise SystemExit("usage: python training/configs/bundled_shapes.py tokenizer [DATA_DIR]"
+                         " | ship MODEL_DIR [DEST]")
