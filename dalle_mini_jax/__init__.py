@@ -2,11 +2,22 @@
 
 __version__ = "0.1.0"
 
+# Public names, imported lazily so `import dalle_mini_jax` stays cheap (no JAX start-up)
+# until one of them is used.
+_LAZY = {
+    "DalleMini": "pipeline",
+    "DalleBart": "transformer",
+    "VQModel": "vqgan",
+    "DalleBartConfig": "config",
+    "VQGANConfig": "config",
+    "TextTokenizer": "text",
+}
+__all__ = sorted(_LAZY)
+
 
 def __getattr__(name):
-    # Lazy, so `import dalle_mini_jax` stays cheap (no JAX start-up) until it is used.
-    if name == "DalleMini":
-        from .pipeline import DalleMini
+    if name in _LAZY:
+        import importlib
 
-        return DalleMini
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'dalle_mini_jax' has no attribute {name!r}")

@@ -259,6 +259,7 @@ def _normalize(x: jax.Array) -> jax.Array:
 
 
 def _set_codebook(graphdef, params: nnx.State, codebook: jax.Array) -> nnx.State:
+    """`params` with the codebook table [K, D] replaced (traceable)."""
     model = nnx.merge(graphdef, params)
     model.quantize.embedding.embedding.value = codebook
     return nnx.state(model)
@@ -300,7 +301,7 @@ def train_step(state: TrainState, images: jax.Array, learning_rate: jax.Array, *
     Returns:
       (new state, metrics): float32 scalars loss, l1, l2, commitment, codebook_loss,
       perplexity (of this batch's code use), codes_used (fraction of codes used by this
-      batch), restarted (codes restarted this step), grad_norm, lr-free.
+      batch), restarted (codes restarted this step), grad_norm.
     """
     x = images.astype(jnp.float32) / 255.0
     rng, restart_rng = jax.random.split(state.rng)
