@@ -216,6 +216,27 @@ def _lazy(module: str, attr: str):
     return lambda x: getattr(__import__(f"dalle_mini_jax.{module}", fromlist=[attr]), attr)(x)
 
 
+def _data_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="dataset", metavar="DATASET")
+    sub.required = True
+    s = sub.add_parser("shapes", help="write the built-in shapes set as DIR/<i>.png + DIR/<i>.txt")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--num", type=positive_int, required=True, help="number of image/caption pairs")
+    s.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i)")
+    s.add_argument("--start", type=int, default=0, help="first sample index (to write in pieces)")
+
+
+def _data(args: argparse.Namespace) -> int:
+    from . import shapes
+
+    if args.start < 0:
+        raise CliError(f"--start must be >= 0, got {args.start}")
+    shapes.write_folder(args.out, args.num, args.seed, start=args.start)
+    print(f"wrote {args.num} shapes image/caption pairs to {args.out}")
+    return 0
+
+
+register("data", "write a built-in data set to a folder (data shapes)", _data_args, _data)
 register("train-vqgan", "train or fine-tune a VQGAN (resumes from WORKDIR)",
          _lazy("vqgan_train", "add_arguments"), _lazy("vqgan_train", "run"))
 register("encode", "encode a captioned image set to VQGAN codes (parquet shards)",

@@ -446,3 +446,19 @@ def test_judge_reports_and_refuses_bad_input():
     scores = evaluate.task_accuracy(np.stack([image, image * 0]),
                                     ["a red circle", "a small red circle"])
     assert scores == {"one_object": 1.0, "size": 0.0, "overall": 0.5}
+
+
+def test_cli_data_shapes_writes_the_folder_format(tmp_path):
+    """`dalle-mini-jax data shapes` writes exactly what `write_folder` writes."""
+    from dalle_mini_jax import cli
+
+    assert cli.main(["data", "shapes", "--out", str(tmp_path / "cli"), "--num", "5", "--seed", "3"]) == 0
+    shapes.write_folder(tmp_path / "lib", 5, 3)
+    names = sorted(p.name for p in (tmp_path / "cli").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "lib").iterdir())
+    assert len(names) == 10
+    for name in names:
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["data", "shapes", "--out", str(tmp_path / "bad"), "--num", "-1"])
+    assert e.value.code != 0
