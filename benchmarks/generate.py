@@ -2,18 +2,24 @@
 
     python benchmarks/generate.py --preset tiny            # minutes; for development
     python benchmarks/generate.py --preset mini --json     # DALL·E Mini shape: heavy (~30 min on 2 cores)
+    python benchmarks/generate.py --preset mini --only ours --dtype bfloat16 --json  # bf16 memory
 
 What it does, in one run:
   1. writes a random model directory of the preset's shape (released format: transformer
      + tokenizer trained on a few captions + VQGAN) into a temp dir (`--workdir` to keep it);
   2. measures the machine's memory read bandwidth (numpy sum over a 1 GiB array, median);
   3. runs each configuration in its own subprocess, so each peak RSS is its own
-     (`ru_maxrss` of that process, loading included):
-       ours 1 image, ours 3x3 grid (one batch of 9), min-dalle 1 image, min-dalle 3x3 grid;
-     each one warm-up then `--runs` timed runs (median reported). min-dalle runs its own
-     `MinDalle.generate_images` code path with its own torch modules; the instance is
-     built with `object.__new__` and our weights mapped in (reference §2.3), no download;
-  4. prints a table; with --json the last line is one JSON object.
+     (VmHWM of that process, loading included):
+       ours1: ours 1 image, oursgrid: ours 3x3 grid (one batch of 9),
+       md1: min-dalle 1 image, mdgrid: min-dalle 3x3 grid (`--only` picks some);
+     each one warm-up then `--runs` timed runs (median reported). Ours loads its weights
+     in `--dtype` (the child checks that every weight it holds is in it). min-dalle runs
+     its own `MinDalle.generate_images` code path with its own torch modules in fp32, on
+     our weights mapped in by `dalle_mini_jax.min_dalle_compat` (reference §2.3), no
+     download;
+  4. prints a table; with --json the last line is one JSON object, with every key present
+     whichever configurations ran (null for those that did not); `peak_rss_mb` and
+     `peak_rss_dtype` map each configuration to its peak and its weights' dtype.
 
 The floor of a decode step is (bytes of decoder weights a step must read: every decoder
 layer except the cross-attention k/v kernels, plus lm_head) / bandwidth.
@@ -27,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -138,7 +143,7 @@ def _median_runs(fn, runs: int, warmup: int = 1) -> tuple[float, list[float]]:
 def child_ours(args) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
+    from flax import nnx
 
     from dalle_mini_jax.pipeline import DalleMini
     from dalle_mini_jax.sampling import SamplingSettings
@@ -146,6 +151,15 @@ def child_ours(args) -> dict:
     t = time.perf_counter()
     pipe = DalleMini.from_pretrained(args.model_dir, dtype=args.dtype)
     load_s = time.perf_counter() - t
+    # The peak RSS is reported under --dtype's name, so check that it is what was loaded:
+    # every float weight held (transformer, the sampler's per-layer decoder buffers, VQGAN).
+    held = jax.tree.leaves((nnx.state(pipe.model, nnx.Param), pipe.sampler._layers,
+                            nnx.state(pipe.vqgan, nnx.Param)))
+    floats = [x for x in held if jnp.issubdtype(x.dtype, jnp.floating)]
+    loaded = sorted({str(x.dtype) for x in floats})
+    if loaded != [args.dtype]:
+        raise RuntimeError(f"--dtype {args.dtype} but the pipeline holds {loaded} weights")
+    weights_mb = sum(x.nbytes for x in floats) / 2**20
     n = args.n
     prompts = [PROMPT]
     kw = dict(num_images=n, seed=1, top_k=TOP_K, guidance=GUIDANCE, batch_size=n)
@@ -170,139 +184,17 @@ def child_ours(args) -> dict:
     codes = pipe.generate_codes(prompts, **kw)[:1]
     vq_s, _ = _median_runs(lambda: pipe.decode_codes(codes), args.runs)
     return dict(total_s=total, times=times, first_call_s=first_s, load_s=load_s, step_ms=step_s * 1e3,
-                vqgan_s_per_image=vq_s, peak_rss_mb=_peak_rss_mb(), n=n)
-
-
-def _md_state_dicts(flat: dict, cfg) -> tuple[dict, dict]:
-    """Released flat DalleBart tree -> min-dalle encoder / decoder state dicts (§2.3)."""
-    import numpy as np
-    import torch
-
-    def t(x, transpose=False):
-        x = np.asarray(x, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.T if transpose else x))
-
-    out = {}
-    for stack, kind in (("encoder", "Encoder"), ("decoder", "Decoder")):
-        root = f"model/{stack}"
-        sd = {
-            "embed_tokens.weight": t(flat.pop(f"{root}/embed_tokens/embedding")),
-            "embed_positions.weight": t(flat.pop(f"{root}/embed_positions/embedding")),
-            "layernorm_embedding.weight": t(flat.pop(f"{root}/layernorm_embedding/scale")),
-            "layernorm_embedding.bias": t(flat.pop(f"{root}/layernorm_embedding/bias")),
-            "final_ln.bias": t(flat.pop(f"{root}/final_ln/bias")),
-        }
-        lay = f"{root}/layers/FlaxBart{kind}Layers"
-        names = [("LayerNorm_0/bias", "pre_self_attn_layer_norm.bias", False),
-                 ("LayerNorm_1/scale", "self_attn_layer_norm.weight", False),
-                 ("LayerNorm_1/bias", "self_attn_layer_norm.bias", False),
-                 ("GLU_0/LayerNorm_0/bias", "glu.ln0.bias", False),
-                 ("GLU_0/LayerNorm_1/bias", "glu.ln1.bias", False)]
-        names += [(f"FlaxBartAttention_0/{p}/kernel", f"self_attn.{p}.weight", True)
-                  for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
-        names += [(f"GLU_0/Dense_{i}/kernel", f"glu.fc{i}.weight", True) for i in range(3)]
-        if stack == "decoder":
-            names += [("LayerNorm_2/bias", "pre_encoder_attn_layer_norm.bias", False),
-                      ("LayerNorm_3/scale", "encoder_attn_layer_norm.weight", False),
-                      ("LayerNorm_3/bias", "encoder_attn_layer_norm.bias", False)]
-            names += [(f"FlaxBartAttention_1/{p}/kernel", f"encoder_attn.{p}.weight", True)
-                      for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
-        for ours, theirs, tr in names:
-            stacked = flat.pop(f"{lay}/{ours}")
-            for l in range(stacked.shape[0]):
-                sd[f"layers.{l}.{theirs}"] = t(stacked[l], tr)
-            del stacked
-        if stack == "decoder":
-            sd["lm_head.weight"] = t(flat.pop("lm_head/kernel"), True)
-        out[stack] = sd
-    return out["encoder"], out["decoder"]
-
-
-def _md_vqgan_state_dict(flat: dict) -> dict:
-    """Released flat VQGAN tree -> min-dalle VQGanDetokenizer state dict (decoder half)."""
-    import re
-
-    import numpy as np
-    import torch
-
-    sd = {}
-    for key, x in flat.items():
-        if key.startswith(("encoder/", "quant_conv/")):
-            continue
-        x = np.asarray(x, np.float32)
-        if key == "quantize/embedding/embedding":
-            sd["embedding.weight"] = torch.from_numpy(x)
-            continue
-        name = key.replace("/", ".")
-        name = re.sub(r"up_(\d+)\.(block|attn)_(\d+)", r"up.\1.\2.\3", name)
-        name = re.sub(r"up_(\d+)\.", r"up.\1.", name)
-        if name.endswith(".kernel"):
-            name = name[: -len("kernel")] + "weight"
-            x = x.transpose(3, 2, 0, 1)
-        elif name.endswith(".scale"):
-            name = name[: -len("scale")] + "weight"
-        sd[name] = torch.from_numpy(np.ascontiguousarray(x))
-    return sd
-
-
-def build_min_dalle(model_dir: Path, cfg):
-    """A MinDalle instance on our weights, without its downloads (fp32, CPU)."""
-    import torch
-    from min_dalle import MinDalle
-    from min_dalle.models import DalleBartDecoder, DalleBartEncoder, VQGanDetokenizer
-    from min_dalle.text_tokenizer import TextTokenizer as MDTokenizer
-
-    from dalle_mini_jax.checkpoint import read_msgpack
-
-    md = object.__new__(MinDalle)
-    md.device, md.is_mega, md.is_reusable, md.dtype, md.is_verbose = "cpu", False, True, torch.float32, False
-    md.text_token_count = cfg.text_len
-    md.layer_count = cfg.num_decoder_layers
-    md.attention_head_count = cfg.num_heads
-    md.embed_count = cfg.embed_dim
-    md.glu_embed_count = cfg.mlp_dim
-    md.text_vocab_count = cfg.text_vocab_size
-    md.image_vocab_count = cfg.image_vocab_size
-    vocab = json.loads((model_dir / "vocab.json").read_text())
-    merges = (model_dir / "merges.txt").read_text().split("\n")[1:-1]
-    md.tokenizer = MDTokenizer(vocab, merges)
-    flat = read_msgpack(model_dir / "flax_model.msgpack", dtype="float32")
-    enc_sd, dec_sd = _md_state_dicts(flat, cfg)
-    del flat
-    md.encoder = DalleBartEncoder(
-        attention_head_count=cfg.num_heads, embed_count=cfg.embed_dim, glu_embed_count=cfg.mlp_dim,
-        text_token_count=cfg.text_len, text_vocab_count=cfg.text_vocab_size,
-        layer_count=cfg.num_encoder_layers, device="cpu").eval()
-    _load(md.encoder, enc_sd)
-    del enc_sd
-    md.decoder = DalleBartDecoder(
-        image_vocab_count=cfg.image_vocab_size, attention_head_count=cfg.num_heads,
-        embed_count=cfg.embed_dim, glu_embed_count=cfg.mlp_dim, layer_count=cfg.num_decoder_layers,
-        device="cpu").eval()
-    _load(md.decoder, dec_sd)
-    del dec_sd
-    md.detokenizer = VQGanDetokenizer().eval()
-    _load(md.detokenizer, _md_vqgan_state_dict(read_msgpack(model_dir / "vqgan" / "flax_model.msgpack")),
-          strict=True)
-    return md
-
-
-def _load(module, sd, strict=False):
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    # Bias-only norms have no weight in the checkpoint (min-dalle loads with strict=False
-    # for that reason); anything else missing or unexpected means a wrong mapping.
-    bad = [k for k in missing if not k.endswith("norm.weight") and not k.endswith(".ln0.weight")
-           and not k.endswith(".ln1.weight") and not k.endswith("final_ln.weight")]
-    if unexpected or bad or (strict and missing):
-        raise RuntimeError(f"min-dalle mapping: missing {bad or missing}, unexpected {unexpected}")
+                vqgan_s_per_image=vq_s, weights_dtype=args.dtype, weights_mb=weights_mb,
+                peak_rss_mb=_peak_rss_mb(), n=n)
 
 
 def child_min_dalle(args) -> dict:
     import torch
 
-    cfg, _ = _configs(args.preset)
+    from dalle_mini_jax.min_dalle_compat import build_min_dalle
+
     t = time.perf_counter()
-    md = build_min_dalle(Path(args.model_dir), cfg)
+    md = build_min_dalle(args.model_dir)
     load_s = time.perf_counter() - t
     grid = 1 if args.n == 1 else GRID
 
@@ -314,13 +206,19 @@ def child_min_dalle(args) -> dict:
     with torch.inference_mode():
         run(1)
         total, times = _median_runs(run, args.runs, warmup=0)
-    return dict(total_s=total, times=times, load_s=load_s,
+    return dict(total_s=total, times=times, load_s=load_s, weights_dtype=str(md.dtype).removeprefix("torch."),
                 peak_rss_mb=_peak_rss_mb(), threads=torch.get_num_threads(), n=grid * grid)
 
 
 # --------------------------------------------------------------------------------------
 # parent
 # --------------------------------------------------------------------------------------
+
+
+# (key, child kind, images): the four configurations, in the order they run.
+CONFIGS = (("ours1", "ours", 1), ("oursgrid", "ours", GRID * GRID),
+           ("md1", "min_dalle", 1), ("mdgrid", "min_dalle", GRID * GRID))
+ONLY_GROUPS = {"ours": {"ours1", "oursgrid"}, "md": {"md1", "mdgrid"}}
 
 
 def _spawn(kind: str, args, n: int, runs: int) -> dict:
@@ -332,6 +230,38 @@ def _spawn(kind: str, args, n: int, runs: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def summarize(args, r: dict, bw: float, step_bytes: int, md_runs: int) -> dict:
+    """The JSON summary. Every key is present whichever configurations ran (None if not).
+
+    `peak_rss_mb` and `peak_rss_dtype` are per configuration (ours1, oursgrid, md1,
+    mdgrid): each child's own peak, labelled with the dtype of the weights it held
+    (ours: --dtype, checked in the child; min-dalle: float32).
+    """
+    floor_ms = step_bytes / bw * 1e3
+
+    def g(k, f):
+        return r[k][f] if k in r else None
+
+    nominal = {k: args.dtype if kind == "ours" else "float32" for k, kind, _ in CONFIGS}
+    summary = dict(
+        preset=args.preset, dtype=args.dtype, runs=args.runs, md_runs=md_runs, ran=[k for k, _, _ in CONFIGS if k in r],
+        bandwidth_gb_s=bw / 1e9, step_bytes_mb=step_bytes / 1e6, floor_step_ms=floor_ms,
+        step_ms=g("ours1", "step_ms"), grid_step_ms=g("oursgrid", "step_ms"),
+        ours_1_s=g("ours1", "total_s"), ours_grid_s=g("oursgrid", "total_s"),
+        min_dalle_1_s=g("md1", "total_s"), min_dalle_grid_s=g("mdgrid", "total_s"),
+        vqgan_s_per_image=g("ours1", "vqgan_s_per_image"), first_call_s=g("ours1", "first_call_s"),
+        weights_mb=g("ours1", "weights_mb") or g("oursgrid", "weights_mb"),
+        peak_rss_mb={k: g(k, "peak_rss_mb") for k, _, _ in CONFIGS},
+        peak_rss_dtype={k: g(k, "weights_dtype") or nominal[k] for k, _, _ in CONFIGS},
+    )
+    summary["step_over_floor"] = summary["step_ms"] / floor_ms if summary["step_ms"] else None
+    both = [("1", "ours_1_s", "min_dalle_1_s"), ("grid", "ours_grid_s", "min_dalle_grid_s")]
+    for name, ours, theirs in both:
+        summary[f"speedup_{name}"] = (summary[theirs] / summary[ours]
+                                      if summary[ours] and summary[theirs] else None)
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tiny", "mini", "mega"], default="tiny")
@@ -341,8 +271,9 @@ def main(argv=None) -> int:
                    help="our weights' dtype (min-dalle always runs fp32)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the random model here (reused)")
     p.add_argument("--skip-min-dalle", action="store_true")
-    p.add_argument("--only", choices=["ours1", "oursgrid", "md1", "mdgrid"], action="append",
-                   help="run only these configurations")
+    p.add_argument("--only", choices=[k for k, _, _ in CONFIGS] + list(ONLY_GROUPS), action="append",
+                   help="run only these configurations (repeatable; 'ours' = ours1 + oursgrid, "
+                        "'md' = md1 + mdgrid), e.g. --only ours --dtype bfloat16")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     # internal
     p.add_argument("--child", choices=["ours", "min_dalle"], help=argparse.SUPPRESS)
@@ -355,6 +286,11 @@ def main(argv=None) -> int:
         print(json.dumps(out))
         return 0
 
+    only = set()
+    for name in args.only or [k for k, _, _ in CONFIGS]:
+        only |= ONLY_GROUPS.get(name, {name})
+    if args.skip_min_dalle:
+        only -= ONLY_GROUPS["md"]
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix=f"dmj-bench-{args.preset}-")
@@ -367,42 +303,24 @@ def main(argv=None) -> int:
     bw = memory_bandwidth()
     import numpy as np
 
+    # numpy has no bfloat16; float16 has its itemsize.
     itemsize = np.dtype({"float32": "float32", "bfloat16": "float16", "float16": "float16"}[args.dtype]).itemsize
     step_bytes = decoder_step_bytes(cfg, itemsize)
-    floor_ms = step_bytes / bw * 1e3
-    only = set(args.only or ["ours1", "oursgrid", "md1", "mdgrid"])
-    if args.skip_min_dalle:
-        only -= {"md1", "mdgrid"}
     md_runs = args.md_runs or args.runs
     r = {}
-    for key, kind, n, runs in (("ours1", "ours", 1, args.runs), ("oursgrid", "ours", GRID * GRID, args.runs),
-                               ("md1", "min_dalle", 1, md_runs), ("mdgrid", "min_dalle", GRID * GRID, md_runs)):
+    for key, kind, n in CONFIGS:
         if key in only:
             print(f"running {key} ...", file=sys.stderr, flush=True)
-            r[key] = _spawn(kind, args, n, runs)
+            r[key] = _spawn(kind, args, n, md_runs if kind == "min_dalle" else args.runs)
             print(f"  {key}: {json.dumps(r[key])}", file=sys.stderr, flush=True)
+    summary = summarize(args, r, bw, step_bytes, md_runs)
 
-    def g(k, f):
-        return r[k][f] if k in r else None
-
-    summary = dict(
-        preset=args.preset, dtype=args.dtype, runs=args.runs, md_runs=md_runs,
-        bandwidth_gb_s=bw / 1e9, step_bytes_mb=step_bytes / 1e6, floor_step_ms=floor_ms,
-        step_ms=g("ours1", "step_ms"), grid_step_ms=g("oursgrid", "step_ms"),
-        ours_1_s=g("ours1", "total_s"), ours_grid_s=g("oursgrid", "total_s"),
-        min_dalle_1_s=g("md1", "total_s"), min_dalle_grid_s=g("mdgrid", "total_s"),
-        vqgan_s_per_image=g("ours1", "vqgan_s_per_image"),
-        peak_rss_mb=g("ours1", "peak_rss_mb"), grid_peak_rss_mb=g("oursgrid", "peak_rss_mb"),
-        min_dalle_peak_rss_mb=g("md1", "peak_rss_mb"), min_dalle_grid_peak_rss_mb=g("mdgrid", "peak_rss_mb"),
-        first_call_s=g("ours1", "first_call_s"),
-    )
-    summary["step_over_floor"] = summary["step_ms"] / floor_ms if summary["step_ms"] else None
-    if summary["ours_1_s"] and summary["min_dalle_1_s"]:
-        summary["speedup_1"] = summary["min_dalle_1_s"] / summary["ours_1_s"]
-    if summary["ours_grid_s"] and summary["min_dalle_grid_s"]:
-        summary["speedup_grid"] = summary["min_dalle_grid_s"] / summary["ours_grid_s"]
-
-    rows = [(k, v) for k, v in summary.items()]
+    rows = []
+    for k, v in summary.items():
+        if k == "peak_rss_mb":
+            rows += [(f"peak_rss_mb {c} ({summary['peak_rss_dtype'][c]})", x) for c, x in v.items()]
+        elif k != "peak_rss_dtype":
+            rows.append((k, v))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")

@@ -110,7 +110,6 @@ def _finite_float(text: str) -> float:
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     from .pipeline import DTYPES
-    from .sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s); quote each one")
     p.add_argument("--model", type=Path, default=None,
@@ -125,12 +124,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    help="output directory, or a file name ending in .png (several images get "
                         "_<i> suffixes); default: ./outputs")
     p.add_argument("--grid", action="store_true", help="also write all images tiled into one grid PNG")
-    p.add_argument("--guidance", type=_float_arg, default=DEFAULT_GUIDANCE,
-                   help=f"super-conditioning scale, 1 = off (default {DEFAULT_GUIDANCE:g})")
-    p.add_argument("--top-k", type=top_k_arg, default=DEFAULT_TOP_K,
-                   help=f"keep the K most likely codes; 0 = all (default {DEFAULT_TOP_K})")
-    p.add_argument("--top-p", type=top_p_arg, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature > 0")
+    add_sampling_args(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weights are loaded directly in this dtype and computed in it")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images decoded together")
@@ -139,6 +133,25 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _float_arg(text: str) -> float:
     return _finite_float(text)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """--guidance, --top-k, --top-p, --temperature (for `generate` and `eval`).
+
+    Each defaults to `sampling.MODEL_DEFAULT`, which `DalleMini.generate` replaces by the
+    model directory's generation_config.json value, else the released DALL·E Mini's.
+    """
+    from .sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, MODEL_DEFAULT
+
+    model = "default: the model's generation_config.json, else"
+    p.add_argument("--guidance", type=_float_arg, default=MODEL_DEFAULT,
+                   help=f"super-conditioning scale, 1 = off ({model} {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--top-k", type=top_k_arg, default=MODEL_DEFAULT,
+                   help=f"keep the K most likely codes; 0 = all ({model} {DEFAULT_TOP_K})")
+    p.add_argument("--top-p", type=top_p_arg, default=MODEL_DEFAULT,
+                   help=f"nucleus sampling mass in (0, 1]; 'none' = off ({model} off)")
+    p.add_argument("--temperature", type=positive_float, default=MODEL_DEFAULT,
+                   help=f"sampling temperature > 0 ({model} 1)")
 
 
 def _slug(text: str, width: int = 40) -> str:

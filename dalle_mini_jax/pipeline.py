@@ -7,6 +7,9 @@
 A model directory holds the transformer (`config.json`, `flax_model.msgpack`) and the
 tokenizer files; the VQGAN is the directory named by the transformer config's
 `vqgan_path` (relative to the model directory) or, failing that, `model_dir/vqgan`.
+It may also hold `generation_config.json`, the sampling settings `generate` uses when
+the caller gives none (`read_generation_config`); without it, the released DALL·E Mini
+defaults (guidance 10, top-k 50).
 
 Memory. Weights are read tensor by tensor in the requested dtype (a bf16 load never
 holds an fp32 copy); only the VQGAN's decoder half (codebook, post_quant_conv, decoder)
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -32,13 +36,15 @@ from PIL import Image
 
 from .checkpoint import CONFIG_NAME, MSGPACK_NAME, CheckpointError, check_tree, model_dir as _model_dir
 from .checkpoint import read_msgpack
-from .config import DalleBartConfig, VQGANConfig
-from .sampling import (DEFAULT_GUIDANCE, DEFAULT_TOP_K, SamplingSettings, TokenSampler,
-                       image_keys)
+from .config import ConfigError, DalleBartConfig, VQGANConfig
+from .sampling import MODEL_DEFAULT, ModelDefault, SamplingSettings, TokenSampler, image_keys
 from .transformer import DalleBart
 from .vqgan import Conv, Decoder, VectorQuantizer, released_name
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "bundled" / "model"
+
+# A model directory's sampling defaults, named like Hugging Face's file.
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -87,6 +93,95 @@ def resolve_vqgan_dir(model_dir: Path, config: DalleBartConfig, vqgan_dir: str |
     if not path.is_dir():
         raise FileNotFoundError(f"VQGAN directory {path} (from {origin}) does not exist; pass vqgan_dir")
     return path
+
+
+# --------------------------------------------------------------------------------------
+# Sampling defaults: generation_config.json
+# --------------------------------------------------------------------------------------
+
+# The keys read, with what each must be (null allowed where the setting accepts None).
+_GENERATION_KEYS: dict[str, tuple[str, bool]] = {
+    "guidance": ("a finite number", True),
+    "top_k": ("an integer >= 1", True),
+    "top_p": ("a number in (0, 1]", True),
+    "temperature": ("a number > 0", False),
+}
+# Written by Hugging Face's tools into every generation_config.json: nothing to warn about.
+_GENERATION_IGNORED = {"transformers_version"}
+
+
+def read_generation_config(model_dir: str | Path) -> SamplingSettings:
+    """The sampling defaults a model directory carries.
+
+    `model_dir/generation_config.json` may set any of `guidance`, `top_k`, `top_p`
+    (null = off for each) and `temperature`. Keys it leaves out, and a directory without
+    the file (every released DALL·E Mini), get the released defaults
+    (`SamplingSettings()`: guidance 10, top_k 50, top_p off, temperature 1).
+
+    Raises:
+      ConfigError: the file is not a JSON object, or a value has the wrong type or lies
+        out of range; the message names the file and the key.
+
+    Warns (UserWarning) naming keys it does not know; they are ignored.
+    """
+    path = Path(model_dir) / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return SamplingSettings()
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(d).__name__}")
+    unknown = sorted(k for k in d if k not in _GENERATION_KEYS and k not in _GENERATION_IGNORED
+                     and not k.startswith("_"))
+    if unknown:
+        warnings.warn(f"{path}: keys not used by dalle_mini_jax (ignored): {', '.join(unknown)}; "
+                      f"the keys read are {', '.join(_GENERATION_KEYS)}", stacklevel=2)
+    values = {}
+    for key, (what, nullable) in _GENERATION_KEYS.items():
+        if key not in d:
+            continue
+        v = d[key]
+        # Type checks here, not in SamplingSettings: JSON gives e.g. a string or 50.5
+        # where an int is meant, and the message must point at the file.
+        number = isinstance(v, int) if key == "top_k" else isinstance(v, (int, float))
+        if not ((v is None and nullable) or (number and not isinstance(v, bool))):
+            raise ConfigError(f"{path}: {key} must be {what}{' or null' if nullable else ''}, "
+                              f"got {json.dumps(v)}")
+        values[key] = v
+    try:
+        return SamplingSettings(**values)
+    except ValueError as e:  # the range checks; the message starts with the key
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def write_generation_config(model_dir: str | Path, **settings: Any) -> Path:
+    """Write `model_dir/generation_config.json`, the defaults `DalleMini.from_pretrained` reads.
+
+    Args:
+      model_dir: an existing model directory.
+      **settings: any of guidance, top_k, top_p, temperature (None = off where allowed).
+        The ones not given get the released defaults, not the old file's values: the
+        file states all four.
+
+    Returns:
+      The path written.
+
+    Raises:
+      FileNotFoundError: `model_dir` is not a directory.
+      ValueError / TypeError: a value out of range, or an unknown setting.
+    """
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    chosen = SamplingSettings().override(**settings)
+    # Plain JSON numbers, whatever numeric types were passed (numpy scalars included).
+    d = {k: None if v is None else (int(v) if k == "top_k" else float(v))
+         for k, v in chosen.to_dict().items()}
+    target = path / GENERATION_CONFIG_NAME
+    target.write_text(json.dumps(d, indent=2) + "\n")
+    return target
 
 
 # --------------------------------------------------------------------------------------
@@ -171,11 +266,13 @@ class DalleMini:
     """Text-to-image generation: tokenizer + DalleBart + VQGAN decoder.
 
     Build with `from_pretrained`. Attributes: `model` (DalleBart), `vqgan`
-    (VQGANDecoder), `tokenizer` (TextTokenizer), `config`, `name`, `mesh`.
+    (VQGANDecoder), `tokenizer` (TextTokenizer), `config`, `name`, `mesh`, `defaults`
+    (the `SamplingSettings` that `generate` uses for the arguments not given: the model
+    directory's generation_config.json, else the released defaults).
     """
 
     def __init__(self, model: DalleBart, vqgan: VQGANDecoder, tokenizer, name: str = "model",
-                 mesh=None, release_stacked: bool = False):
+                 mesh=None, release_stacked: bool = False, defaults: SamplingSettings | None = None):
         cfg = model.config
         vq = vqgan.config
         if cfg.num_image_codes > vq.codebook_size:
@@ -190,13 +287,17 @@ class DalleMini:
             )
         self.model, self.vqgan, self.tokenizer = model, vqgan, tokenizer
         self.config, self.name, self.mesh = cfg, name, mesh
+        self.defaults = SamplingSettings() if defaults is None else defaults
         self.sampler = TokenSampler(model, mesh=mesh, release_stacked=release_stacked)
         self._vq_graphdef, self._vq_state = nnx.split(vqgan)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, vqgan_dir: str | Path | None = None,
                         dtype: Any = "float32", mesh=None) -> "DalleMini":
-        """Load a model directory (None = the bundled model) and its VQGAN.
+        """Load a model directory (None = the bundled model), its VQGAN and sampling defaults.
+
+        The defaults (`self.defaults`) come from the directory's generation_config.json
+        (`read_generation_config`); without one, the released DALL·E Mini defaults.
 
         Args:
           model_dir: transformer + tokenizer directory, or None for the bundled model.
@@ -213,6 +314,7 @@ class DalleMini:
         dtype = resolve_dtype(dtype)
         path = resolve_model_dir(model_dir)
         config = DalleBartConfig.load(path / CONFIG_NAME)
+        defaults = read_generation_config(path)  # before the weights: a bad file fails fast
         vq_path = resolve_vqgan_dir(path, config, vqgan_dir)
         # Local import: text.py pulls in ftfy/emoji, not needed by the rest of the package.
         from .text import TextTokenizer
@@ -222,7 +324,8 @@ class DalleMini:
         vqgan = VQGANDecoder.from_pretrained(vq_path, dtype=dtype)
         model = DalleBart.from_pretrained(path, dtype=dtype, mesh=mesh)
         name = "bundled" if model_dir is None else path.name
-        pipe = cls(model, vqgan, tokenizer, name=name, mesh=mesh, release_stacked=True)
+        pipe = cls(model, vqgan, tokenizer, name=name, mesh=mesh, release_stacked=True,
+                   defaults=defaults)
         _return_free_memory()
         return pipe
 
@@ -232,10 +335,10 @@ class DalleMini:
         prompts: str | Sequence[str],
         num_images: int = 1,
         seed: int = 0,
-        temperature: float = 1.0,
-        top_k: int | None = DEFAULT_TOP_K,
-        top_p: float | None = None,
-        guidance: float | None = DEFAULT_GUIDANCE,
+        temperature: float | ModelDefault = MODEL_DEFAULT,
+        top_k: int | None | ModelDefault = MODEL_DEFAULT,
+        top_p: float | None | ModelDefault = MODEL_DEFAULT,
+        guidance: float | None | ModelDefault = MODEL_DEFAULT,
         progress: bool | Callable[[int, int], None] = False,
         batch_size: int | None = 16,
     ) -> list[Image.Image]:
@@ -247,10 +350,12 @@ class DalleMini:
           seed: image k of prompt p is `image_keys(seed, [p], [k])`: the same image
             whatever else is in the call, the batch size or the device count.
           temperature: > 0, divides the guided logits.
-          top_k: keep the k most likely codes (None: all). Default 50, the original's.
+          top_k: keep the k most likely codes (None: all).
           top_p: nucleus sampling in (0, 1], None = off.
-          guidance: super-conditioning scale (None or 1 = off). Default 10, the original
-            notebook's.
+          guidance: super-conditioning scale (None or 1 = off).
+            Each of these four left at `MODEL_DEFAULT` takes `self.defaults`' value: the
+            model directory's generation_config.json, else the released DALL·E Mini's
+            (guidance 10, top_k 50, top_p off, temperature 1). None means off, not default.
           progress: True for a tqdm bar over decode steps, or a callable
             `progress(steps_done, steps_total)`.
           batch_size: images decoded together (2x rows when guided); None = all at once.
@@ -272,10 +377,10 @@ class DalleMini:
         prompts: str | Sequence[str],
         num_images: int = 1,
         seed: int = 0,
-        temperature: float = 1.0,
-        top_k: int | None = DEFAULT_TOP_K,
-        top_p: float | None = None,
-        guidance: float | None = DEFAULT_GUIDANCE,
+        temperature: float | ModelDefault = MODEL_DEFAULT,
+        top_k: int | None | ModelDefault = MODEL_DEFAULT,
+        top_p: float | None | ModelDefault = MODEL_DEFAULT,
+        guidance: float | None | ModelDefault = MODEL_DEFAULT,
         every: int = 32,
         batch_size: int | None = 16,
     ) -> Iterator[Frame]:
@@ -284,7 +389,8 @@ class DalleMini:
         Cells not generated yet are decoded from the mean code vector and then painted
         a neutral grey, so a preview shows only what the model has chosen. The decode
         loop runs in jitted chunks of `every` steps with the same compiled code as
-        `generate`, so the final images equal `generate`'s.
+        `generate`, so the final images equal `generate`'s. Sampling settings left at
+        `MODEL_DEFAULT` take `self.defaults`' values, as in `generate`.
         """
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every must be a positive int, got {every!r}")
@@ -296,13 +402,17 @@ class DalleMini:
         prompts: str | Sequence[str],
         num_images: int = 1,
         seed: int = 0,
-        temperature: float = 1.0,
-        top_k: int | None = DEFAULT_TOP_K,
-        top_p: float | None = None,
-        guidance: float | None = DEFAULT_GUIDANCE,
+        temperature: float | ModelDefault = MODEL_DEFAULT,
+        top_k: int | None | ModelDefault = MODEL_DEFAULT,
+        top_p: float | None | ModelDefault = MODEL_DEFAULT,
+        guidance: float | None | ModelDefault = MODEL_DEFAULT,
         batch_size: int | None = 16,
     ) -> np.ndarray:
-        """The image codes `generate` would decode: [N, image_len] int32."""
+        """The image codes `generate` would decode: [N, image_len] int32.
+
+        Sampling settings left at `MODEL_DEFAULT` take `self.defaults`' values, as in
+        `generate`.
+        """
         texts, settings, batches = self._plan(prompts, num_images, seed, temperature, top_k, top_p,
                                               guidance, batch_size)
         out = []
@@ -346,7 +456,8 @@ class DalleMini:
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance)
+        settings = self.defaults.override(temperature=temperature, top_k=top_k, top_p=top_p,
+                                          guidance=guidance)
         images = [(p, k) for p in range(len(texts)) for k in range(num_images)]
         step = len(images) if batch_size is None else batch_size
         batches = [dict(images=images[i:i + step], texts=texts, seed=int(seed))
@@ -432,7 +543,7 @@ class DalleMini:
         return out
 
     def image_metadata(self, prompt: str, seed: int, index: int, settings: SamplingSettings) -> dict[str, str]:
-        """The text chunks an image is saved with (all values str)."""
+        """The text chunks an image is saved with (all values str); `settings` are the ones used."""
         return {
             "prompt": prompt,
             "seed": str(seed),
@@ -483,4 +594,5 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.
 
 
 __all__ = ["DalleMini", "Frame", "VQGANDecoder", "image_grid", "resolve_dtype", "BUNDLED_MODEL_DIR",
-           "DTYPES", "NEUTRAL_GREY", "CheckpointError"]
+           "DTYPES", "NEUTRAL_GREY", "CheckpointError", "GENERATION_CONFIG_NAME", "MODEL_DEFAULT",
+           "read_generation_config", "write_generation_config"]

@@ -2,6 +2,7 @@
 
     dalle-mini-jax eval shapes                       # the bundled model, 400 captions x 4
     dalle-mini-jax eval shapes --model runs/bundled/model --prompts 90 --images-per-prompt 2
+    dalle-mini-jax eval shapes --model DIR --guidance 3 --top-k 50 --save-defaults
 
 Captions are drawn fresh from the shapes grammar (specs/shapes-v1.md), the same number of
 each task (GenEval-style: one object, two objects, three objects, colour, size,
@@ -9,7 +10,8 @@ position, relation, counting, attribute binding), K images are generated for eac
 the model, and every image is judged by the exact judge (`evaluate.judge_batch`). The
 report is the share of images that satisfy their caption per task, and overall (the
 mean over tasks, so every task weighs the same whatever its number of captions), plus
-the time it took.
+the time it took. With `--save-defaults` the sampling settings just evaluated become the
+model directory's defaults (its generation_config.json), which `generate` then uses.
 
 Caption k of the benchmark has task `TASKS[k % 9]` and is drawn from
 `default_rng((seed, task index, k // 9))` (`evaluate.benchmark_prompts`), so the first N
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,7 +56,7 @@ class QualityReport:
       num_prompts: captions generated for.
       images_per_prompt: K.
       seed: caption seed (images use the same seed).
-      settings: the sampling settings used.
+      settings: the sampling settings used (all four: flags, else the model's defaults).
       model: the model's name or directory.
       generate_seconds: wall time of the generation (compilation included).
       judge_seconds: wall time of the judging.
@@ -95,7 +98,7 @@ class QualityReport:
         lines.append("")
         lines.append(
             f"{self.num_prompts} captions x {self.images_per_prompt} images = {n} images, "
-            f"seed {self.seed}, model {self.model}, settings {json.dumps(self.settings)}; "
+            f"seed {self.seed}, model {self.model}, settings used {json.dumps(self.settings)}; "
             f"generation {self.generate_seconds:.1f} s ({n / max(self.generate_seconds, 1e-9):.1f} "
             f"images/s, compilation included), judging {self.judge_seconds:.1f} s, "
             f"total {self.seconds:.1f} s."
@@ -164,8 +167,8 @@ def run_shapes(pipe, num_prompts: int = DEFAULT_PROMPTS,
       batch_size: images decoded together (None: all at once).
       progress: a progress bar over decode steps.
       max_failures: failed (caption, reason) examples kept in the report.
-      **sampling: temperature, top_k, top_p, guidance for `DalleMini.generate` (the
-        pipeline's defaults where not given).
+      **sampling: temperature, top_k, top_p, guidance for `DalleMini.generate`; the
+        ones not given are the pipeline's defaults (`pipe.defaults`).
 
     Returns:
       A `QualityReport`.
@@ -256,9 +259,7 @@ BENCHMARKS = ("shapes",)
 
 def add_arguments(parser) -> None:
     """The `eval` flags (for `cli.register` and `python -m dalle_mini_jax.quality`)."""
-    import argparse
-
-    from .cli import positive_float, positive_int, top_k_arg, top_p_arg
+    from .cli import add_sampling_args, positive_int
 
     parser.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark (shapes)")
     parser.add_argument("--model", type=Path, default=None,
@@ -271,14 +272,11 @@ def add_arguments(parser) -> None:
                         default=DEFAULT_IMAGES_PER_PROMPT,
                         help=f"images per caption (default {DEFAULT_IMAGES_PER_PROMPT})")
     parser.add_argument("--seed", type=int, default=0, help="caption and image seed")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="super-conditioning scale (default: the pipeline's)")
-    # SUPPRESS: no attribute unless given, since None is a value (no top-k filter).
-    parser.add_argument("--top-k", type=top_k_arg, default=argparse.SUPPRESS,
-                        help="keep the K most likely codes; 0 = all (default: the pipeline's)")
-    parser.add_argument("--top-p", type=top_p_arg, default=None, help="nucleus mass in (0, 1]")
-    parser.add_argument("--temperature", type=positive_float, default=None,
-                        help="sampling temperature (default: the pipeline's)")
+    add_sampling_args(parser)
+    parser.add_argument("--save-defaults", action="store_true",
+                        help="after the run, write the sampling settings used into "
+                             "MODEL/generation_config.json (the bundled model's when no "
+                             "--model): the defaults generate then uses")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                         help=f"images decoded together (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -293,46 +291,55 @@ def add_arguments(parser) -> None:
 
 def sampling_from_args(args) -> dict[str, Any]:
     """The sampling keywords the user set (the rest stay the pipeline's defaults)."""
-    out: dict[str, Any] = {}
-    if args.guidance is not None:
-        out["guidance"] = args.guidance
-    if hasattr(args, "top_k"):
-        out["top_k"] = args.top_k
-    if args.top_p is not None:
-        out["top_p"] = args.top_p
-    if args.temperature is not None:
-        out["temperature"] = args.temperature
-    return out
+    from .sampling import MODEL_DEFAULT
+
+    names = ("guidance", "top_k", "top_p", "temperature")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not MODEL_DEFAULT}
 
 
 def run(args) -> int:
     """`dalle-mini-jax eval` (the `cli.register` signature): prints the table."""
-    from .pipeline import DalleMini
+    from .pipeline import GENERATION_CONFIG_NAME, DalleMini, resolve_model_dir, write_generation_config
 
     if args.model is not None and not args.model.is_dir():
         raise FileNotFoundError(f"model directory {args.model} does not exist")
+    model_dir = resolve_model_dir(args.model)
+    if args.save_defaults and not os.access(model_dir, os.W_OK):
+        from .cli import CliError
+
+        # Now, not after a run of many minutes.
+        raise CliError(f"--save-defaults: cannot write to {model_dir}")
     start = time.perf_counter()
     pipe = DalleMini.from_pretrained(args.model, args.vqgan, dtype=args.dtype)
     load_seconds = time.perf_counter() - start
+    flags = sampling_from_args(args)
     report = run_shapes(pipe, args.prompts, args.images_per_prompt, args.seed,
                         batch_size=args.batch_size, progress=not args.quiet,
-                        max_failures=max(args.failures, 20), **sampling_from_args(args))
+                        max_failures=max(args.failures, 20), **flags)
     if args.model is not None:
         report.model = str(args.model)
     if args.ceiling:
-        from .pipeline import resolve_model_dir, resolve_vqgan_dir
+        from .pipeline import resolve_vqgan_dir
 
-        model_dir = resolve_model_dir(args.model)
         vq_dir = resolve_vqgan_dir(model_dir, pipe.config, args.vqgan)
         report.ceiling = vqgan_ceiling(vq_dir, args.prompts, args.images_per_prompt, args.seed)
     print(report.table())
     print(f"(model loaded in {load_seconds:.1f} s)")
+    defaults_file = model_dir / GENERATION_CONFIG_NAME
+    source = (f"the model's defaults ({defaults_file})" if defaults_file.is_file()
+              else f"the released defaults (no {GENERATION_CONFIG_NAME} in the model directory)")
+    used = ", ".join(f"{k}={v}" for k, v in report.settings.items())
+    print(f"(sampling settings used: {used}; from flags: {', '.join(flags) or 'none'}; "
+          f"the others: {source})")
     for caption, reason in report.failures[:args.failures]:
         print(f"FAIL {caption!r}: {reason}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(report.to_dict(), load_seconds=load_seconds),
                                         indent=2) + "\n")
+    if args.save_defaults:
+        written = write_generation_config(model_dir, **report.settings)
+        print(f"wrote these sampling settings to {written}: generate's defaults for this model")
     return 0
 
 

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
+import numbers
 import zlib
 from typing import Any, Sequence
 
@@ -54,6 +56,22 @@ from .transformer import DalleBart, DecodeCache
 DEFAULT_GUIDANCE = 10.0
 DEFAULT_TOP_K = 50
 
+
+class ModelDefault(enum.Enum):
+    """The type of `MODEL_DEFAULT` (for annotations)."""
+
+    MODEL_DEFAULT = "the model's default"
+
+    def __repr__(self) -> str:
+        return "MODEL_DEFAULT"
+
+
+# "Not given: use the model's default" (`DalleMini.defaults`, read from the model
+# directory's generation_config.json). A sentinel rather than None, because None is a
+# setting of its own: no top-k / no top-p / no guidance. An enum member, so it stays the
+# one object through copy and pickle.
+MODEL_DEFAULT = ModelDefault.MODEL_DEFAULT
+
 # How many times each jitted function has been traced (tests check for recompiles).
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
@@ -65,7 +83,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """How tokens are drawn.
+    """How tokens are drawn. The field defaults are the released DALL·E Mini's.
 
     Attributes:
       temperature: > 0; logits are divided by it (after guidance).
@@ -83,7 +101,8 @@ class SamplingSettings:
     guidance: float | None = DEFAULT_GUIDANCE
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0
+        # numbers.Real: numpy scalars are fine too (a sweep over np.linspace, say).
+        if not (isinstance(self.temperature, numbers.Real) and self.temperature > 0
                 and np.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k
@@ -105,6 +124,19 @@ class SamplingSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def override(self, **values: Any) -> "SamplingSettings":
+        """These settings with the fields in `values` replaced (validated again).
+
+        A value of `MODEL_DEFAULT` keeps this object's value, so a caller can pass its
+        arguments straight through; None is a value (off), not "keep".
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TypeError(f"unknown sampling setting(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not MODEL_DEFAULT})
 
 
 # --------------------------------------------------------------------------------------

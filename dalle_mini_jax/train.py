@@ -15,8 +15,9 @@ A work directory holds everything about one run, so the same command resumes it:
     model/              the exported model directory (at the end of the run)
 
 The pieces: `train_config` (what a run is), `train_data` (deterministic batches),
-`train_state` (state, optimizer, the pure jitted steps). This file wires them into a
-loop and handles the work directory.
+`train_state` (state, optimizer, the pure jitted steps), `train_checkpoint` (Orbax
+checkpoints, shared with the VQGAN trainer). This file wires them into a loop and handles
+the work directory.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from flax import nnx
 from . import train_config as tc
 from .config import DalleBartConfig
 from .sharding import make_mesh
+from .train_checkpoint import Checkpoints
 from .train_config import TrainConfig
 from .train_data import BatchIterator, DataPosition, EncodedSet, eval_batches, load_encoded, unconditional_tokens
 from .train_state import StepFns, TrainState, build, state_from_params, step_rng
@@ -98,39 +100,20 @@ def _sync(name: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def checkpoint_manager(directory: Path, cfg: TrainConfig):
-    """An Orbax CheckpointManager over WORKDIR/checkpoints.
-
-    Orbax writes each step into `N.orbax-checkpoint-tmp*` and renames it to `N` once
-    complete, and `latest_step()` only lists complete steps, so a run killed during a
-    save resumes from the previous complete checkpoint.
-    """
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, create=True,
-        enable_async_checkpointing=cfg.async_checkpoints,
-    )
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+def checkpoint_manager(directory: Path, cfg: TrainConfig) -> Checkpoints:
+    """The run's checkpoints in WORKDIR/checkpoints (`train_checkpoint`: what a save holds,
+    why an async save may overlap the next, donating, step)."""
+    return Checkpoints(directory, cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
 
 
-def save_checkpoint(manager, step: int, state: TrainState, position: DataPosition) -> None:
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(dataclasses.asdict(position)),
-    ), force=True)
+def save_checkpoint(manager: Checkpoints, step: int, state: TrainState, position: DataPosition) -> None:
+    manager.save(step, state, dataclasses.asdict(position))
 
 
-def restore_checkpoint(manager, step: int, abstract: TrainState) -> tuple[TrainState, DataPosition]:
+def restore_checkpoint(manager: Checkpoints, step: int, abstract: TrainState) -> tuple[TrainState, DataPosition]:
     """Restore step `step` straight into the shardings of `abstract` (ShapeDtypeStructs)."""
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
-    ))
-    return out["state"], DataPosition(**out["data"])
+    state, meta = manager.restore(step, abstract)
+    return state, DataPosition(**meta)
 
 
 # --------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from flax import nnx
 
 from dalle_mini_jax.config import VQGAN_PRESETS, VQGANConfig
 from dalle_mini_jax.encode import open_source
+from dalle_mini_jax.train_checkpoint import Checkpoints
 from dalle_mini_jax.vqgan import VQModel
 
 logger = logging.getLogger(__name__)
@@ -555,49 +556,6 @@ def reconstruction_metrics(model: VQModel, images: np.ndarray, captions: list[st
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoints (Orbax)
-# --------------------------------------------------------------------------------------
-
-
-class Checkpoints:
-    """Orbax CheckpointManager in WORKDIR/checkpoints: the TrainState + JSON metadata.
-
-    Saves are synchronous: the state is a few MB, and the jitted step donates its input,
-    so a background save would race the next step for the buffers.
-    """
-
-    def __init__(self, directory: str | Path, keep: int):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.manager = ocp.CheckpointManager(
-            Path(directory).resolve(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=False))
-
-    def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
-        ocp = self._ocp
-        if step in self.manager.all_steps():
-            return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
-
-    def restore_latest(self, like: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        """The latest checkpoint, shaped like `like`; None when there is none."""
-        ocp = self._ocp
-        step = self.manager.latest_step()
-        if step is None:
-            return None
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["meta"])
-
-    def close(self) -> None:
-        self.manager.close()
-
-
-# --------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------
 
@@ -655,12 +613,13 @@ def train_vqgan(cfg: VQGANTrainConfig, workdir: str | Path, *,
     # hits the same compiled step.
     state = jax.device_put(state, jax.devices()[0])
     del model
+    # Synchronous saves: the state is a few MB, a background save would gain nothing.
     ckpt = Checkpoints(workdir / CHECKPOINT_DIR, cfg.keep_checkpoints)
-    restored = ckpt.restore_latest(state)
     meta: dict[str, Any] = {"position": None, "train_seconds": 0.0, "cpu_seconds": 0.0,
                             "budget_start": None}
-    if restored is not None:
-        state, meta = restored
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, state)
         logger.info("resumed from step %d", int(state.step))
     step = int(state.step)
     resolution = cfg.model.resolution
@@ -736,12 +695,12 @@ def train_vqgan(cfg: VQGANTrainConfig, workdir: str | Path, *,
             if cfg.time_budget_s and elapsed() >= cfg.time_budget_s:
                 stopped_early = step < cfg.num_steps
                 break
+        save()
     finally:
         bar.close()
         stream.close()
-    save()
+        ckpt.close()
     out = evaluate_now()
-    ckpt.close()
     model_dir = workdir / MODEL_DIR
     nnx.merge(graphdef, state.params).save_pretrained(model_dir)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in out.items())
@@ -801,6 +760,6 @@ def main(argv=None) -> None:
 __all__ = [
     "VQGANTrainConfig", "tiny_config", "shapes_config", "load_config", "new_model", "TrainState",
     "make_optimizer", "learning_rate_at", "init_state", "train_step", "jitted_train_step", "BatchStream", "load_eval_images",
-    "reconstruct_batch", "psnr", "reconstruction_metrics", "Checkpoints", "train_vqgan",
+    "reconstruct_batch", "psnr", "reconstruction_metrics", "train_vqgan",
     "add_arguments", "config_from_args", "run", "main",
 ]

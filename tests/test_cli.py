@@ -40,6 +40,32 @@ def test_generate_writes_pngs_with_metadata_and_grid(tiny_model_dir, tmp_path, c
     assert str(singles[0]) in stdout
 
 
+def test_generate_uses_the_models_generation_config(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    model_dir = tmp_path / "model"  # links to the shared fixture's files, plus our own config
+    model_dir.mkdir()
+    for entry in tiny_model_dir.iterdir():
+        (model_dir / entry.name).symlink_to(entry)
+    (model_dir / "generation_config.json").write_text('{"guidance": 3, "top_k": 16, "temperature": 0.9}')
+    used = lambda png: json.loads(Image.open(png).text["settings"])  # noqa: E731
+    code, _, err = _run(["generate", "a red square", "--model", str(model_dir), "-q",
+                         "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 0, err
+    assert used(tmp_path / "a.png") == {"temperature": 0.9, "top_k": 16, "top_p": None, "guidance": 3.0}
+    # Flags override the model's defaults; the PNG records what was used.
+    code, _, err = _run(["generate", "a red square", "--model", str(model_dir), "-q", "--top-k", "0",
+                         "--guidance", "2", "--out", str(tmp_path / "b.png")], capsys)
+    assert code == 0, err
+    assert used(tmp_path / "b.png") == {"temperature": 0.9, "top_k": None, "top_p": None, "guidance": 2.0}
+
+
+def test_generate_help_names_the_model_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the model's generation_config.json, else 10" in text
+    assert "else 50" in text
+
+
 def test_single_png_path(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     target = tmp_path / "one.png"
     code, _, err = _run(["generate", "a red square", "--model", str(tiny_model_dir), "--out", str(target),
@@ -57,6 +83,7 @@ def test_single_png_path(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     (["--dtype", "float8"], "invalid choice"),
     (["--model", "/no/such/dir"], "does not exist"),
     (["--guidance", "nan"], "finite"),
+    (["--top-k", "2.5"], "positive integer"),
 ])
 def test_bad_arguments_give_a_message_not_a_traceback(args, message, capsys):
     code, _, err = _run(["generate", "a prompt"] + args, capsys)

@@ -1,10 +1,15 @@
 """DalleMini end to end on a tiny random model directory."""
 
+import json
+
 import numpy as np
 import pytest
 
 from dalle_mini_jax import DalleMini, sampling
-from dalle_mini_jax.pipeline import NEUTRAL_GREY, image_grid, resolve_dtype
+from dalle_mini_jax.config import ConfigError
+from dalle_mini_jax.pipeline import (GENERATION_CONFIG_NAME, NEUTRAL_GREY, image_grid,
+                                     read_generation_config, resolve_dtype, write_generation_config)
+from dalle_mini_jax.sampling import SamplingSettings
 from dalle_mini_jax.sharding import make_mesh
 from tests.model_dirs import tiny_model_dir  # noqa: F401  (fixture)
 
@@ -20,6 +25,15 @@ def _arr(images):
     return np.stack([np.asarray(i) for i in images])
 
 
+def linked_copy(model_dir, dst):
+    """A new model directory whose entries are symlinks to `model_dir`'s: costs nothing,
+    and a generation_config.json written into it leaves the shared fixture alone."""
+    dst.mkdir()
+    for entry in model_dir.iterdir():
+        (dst / entry.name).symlink_to(entry)
+    return dst
+
+
 def test_generate_shapes_order_and_metadata(pipe):
     images = pipe.generate(PROMPTS, num_images=2, seed=3)
     assert len(images) == 4
@@ -27,7 +41,11 @@ def test_generate_shapes_order_and_metadata(pipe):
     assert all(i.size == (side, side) and i.mode == "RGB" for i in images)
     assert [i.info["prompt"] for i in images] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
     assert [i.info["index"] for i in images] == ["0", "1", "0", "1"]
-    assert images[0].info["seed"] == "3" and "guidance" in images[0].info["settings"]
+    assert images[0].info["seed"] == "3"
+    # No generation_config.json: the released defaults, recorded as used.
+    assert pipe.defaults == SamplingSettings()
+    assert json.loads(images[0].info["settings"]) == {"temperature": 1.0, "top_k": 50, "top_p": None,
+                                                      "guidance": 10.0}
     # A single prompt string works too.
     assert len(pipe.generate(PROMPTS[0])) == 1
 
@@ -98,6 +116,69 @@ def test_errors(tmp_path, pipe):
         pipe.generate("x", num_images=0)
     with pytest.raises(ValueError, match="top_p"):
         pipe.generate("x", top_p=1.5)
+
+
+def test_generation_config_is_read_by_from_pretrained(tiny_model_dir, tmp_path):  # noqa: F811
+    model_dir = linked_copy(tiny_model_dir, tmp_path / "model")
+    (model_dir / GENERATION_CONFIG_NAME).write_text('{"guidance": 3, "top_k": null}')
+    p = DalleMini.from_pretrained(model_dir)
+    # Keys the file leaves out keep the released defaults.
+    assert p.defaults == SamplingSettings(temperature=1.0, top_k=None, top_p=None, guidance=3.0)
+
+
+def test_model_defaults_used_unless_overridden(pipe, monkeypatch):
+    want = SamplingSettings(temperature=0.9, top_k=16, top_p=None, guidance=3.0)
+    explicit = pipe.generate_codes(PROMPTS[0], num_images=2, seed=1, temperature=0.9, top_k=16,
+                                   guidance=3.0)
+    monkeypatch.setattr(pipe, "defaults", want)
+    np.testing.assert_array_equal(pipe.generate_codes(PROMPTS[0], num_images=2, seed=1), explicit)
+    used = lambda images: json.loads(images[0].info["settings"])  # noqa: E731
+    assert used(pipe.generate(PROMPTS[0], seed=1)) == want.to_dict()
+    S = pipe.config.image_len
+    assert used(list(pipe.generate_stream(PROMPTS[0], seed=1, every=S))[-1].images) == want.to_dict()
+    # An explicit value overrides the model's; explicit None still means off.
+    assert used(pipe.generate(PROMPTS[0], seed=1, top_k=None)) == dict(want.to_dict(), top_k=None)
+    assert used(pipe.generate(PROMPTS[0], seed=1, guidance=None, temperature=0.5)) == dict(
+        want.to_dict(), guidance=None, temperature=0.5)
+
+
+def test_write_and_read_generation_config(tmp_path):
+    assert read_generation_config(tmp_path) == SamplingSettings()  # absent: the released ones
+    path = write_generation_config(tmp_path, guidance=3, top_k=None, temperature=np.float32(0.5))
+    assert path == tmp_path / GENERATION_CONFIG_NAME
+    # All four keys are written: the ones not given get the released defaults.
+    assert json.loads(path.read_text()) == {"temperature": 0.5, "top_k": None, "top_p": None,
+                                            "guidance": 3.0}
+    assert read_generation_config(tmp_path) == SamplingSettings(0.5, None, None, 3.0)
+    with pytest.raises(ValueError, match="top_p"):
+        write_generation_config(tmp_path, top_p=2.0)
+    with pytest.raises(FileNotFoundError):
+        write_generation_config(tmp_path / "nope", guidance=3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"top_k": "50"}', "top_k must be an integer >= 1 or null"),
+    ('{"top_k": 2.5}', "top_k must be an integer >= 1 or null"),
+    ('{"top_k": 0}', "top_k must be a positive integer"),
+    ('{"temperature": null}', "temperature must be a number > 0, got null"),
+    ('{"guidance": true}', "guidance must be a finite number or null"),
+    ('{"top_p": 1.5}', "top_p must lie in"),
+    ('[3]', "must hold a JSON object"),
+    ('{"guidance": 3,}', "not valid JSON"),
+])
+def test_bad_generation_config_is_a_clear_error(tiny_model_dir, tmp_path, text, message):  # noqa: F811
+    model_dir = linked_copy(tiny_model_dir, tmp_path / "model")
+    (model_dir / GENERATION_CONFIG_NAME).write_text(text)
+    with pytest.raises(ConfigError, match="generation_config.json") as e:
+        DalleMini.from_pretrained(model_dir)
+    assert message in str(e.value)
+
+
+def test_unknown_generation_config_keys_warn(tmp_path):
+    (tmp_path / GENERATION_CONFIG_NAME).write_text(
+        '{"guidance": 4, "guidance_scale": 3, "transformers_version": "4.40", "_from_model_config": true}')
+    with pytest.warns(UserWarning, match="ignored\\): guidance_scale;"):
+        assert read_generation_config(tmp_path) == SamplingSettings(guidance=4.0)
 
 
 def test_bundled_model_missing_is_a_clear_error(monkeypatch, tmp_path):

@@ -108,6 +108,28 @@ def test_settings_validation():
     assert not SamplingSettings(top_p=1.0).uses_top_p
 
 
+def test_override_keeps_model_default_and_treats_none_as_off():
+    import copy
+    import pickle
+
+    base = SamplingSettings(temperature=0.8, top_k=16, top_p=0.9, guidance=3.0)
+    assert base.override() == base
+    assert base.override(temperature=sampling.MODEL_DEFAULT, top_k=sampling.MODEL_DEFAULT) == base
+    off = base.override(top_k=None, top_p=None, guidance=None)
+    assert (off.top_k, off.top_p, off.guidance, off.temperature) == (None, None, None, 0.8)
+    assert base.override(guidance=7.0) == SamplingSettings(0.8, 16, 0.9, 7.0)
+    with pytest.raises(ValueError, match="top_k"):
+        base.override(top_k=0)  # validated again
+    with pytest.raises(TypeError, match="unknown sampling setting"):
+        base.override(topk=5)
+    # The sentinel survives copying (identity checks stay true).
+    assert copy.deepcopy(sampling.MODEL_DEFAULT) is sampling.MODEL_DEFAULT
+    assert pickle.loads(pickle.dumps(sampling.MODEL_DEFAULT)) is sampling.MODEL_DEFAULT
+    # The field defaults are the released DALL·E Mini's.
+    assert SamplingSettings() == SamplingSettings(1.0, sampling.DEFAULT_TOP_K, None,
+                                                  sampling.DEFAULT_GUIDANCE)
+
+
 def test_image_keys_depend_only_on_seed_prompt_and_index():
     a = image_keys(3, ["cat", "dog", "cat"], [0, 0, 1])
     b = image_keys(3, ["dog", "cat"], [0, 1])

@@ -2,7 +2,7 @@
 
 The same random weights — made by our code, written as a released-format directory,
 read back as the released tree and converted to min-dalle's modules with its own
-mapping (reference §2.3) — must give the same encoder output and the same decoder
+mapping (reference §2.3, `dalle_mini_jax.min_dalle_compat`) — must give the same encoder output and the same decoder
 logits at every position, both full-sequence and cached step by step:
 
     relative error = max |ours - theirs| / max |theirs|  <=  1e-4   (fp32)
@@ -23,8 +23,9 @@ explicitly rather than loosening the tolerance:
   id 1 except as padding, so the two definitions agree.
 * `load_state_dict(strict=False)`: min-dalle ignores every key mismatch silently. We
   load non-strictly too (bias-only norms have no weight in the released tree, so
-  torch's weight must stay at its default 1) but assert that the only missing keys are
-  exactly those bias-only norm weights and that nothing is unexpected.
+  torch's weight must stay at its default 1), but `min_dalle_compat.load_non_strict`
+  raises unless the only missing keys are exactly those bias-only norm weights, still
+  at 1, and nothing is unexpected.
 * fp16 weights and a float32 cache: min-dalle ships fp16 conversions; here both sides
   run fp32 weights in fp32.
 * Attention arithmetic: min-dalle scales the queries before the QK product and masks
@@ -44,6 +45,7 @@ from flax import nnx
 
 from dalle_mini_jax import checkpoint as ckpt
 from dalle_mini_jax.config import DalleBartConfig
+from dalle_mini_jax.min_dalle_compat import dallebart_modules
 from dalle_mini_jax.transformer import DalleBart, released_names
 
 torch = pytest.importorskip("torch")
@@ -62,12 +64,11 @@ N_IMAGES = 2  # decoder batch 2n = 4 rows: (uncond, img0) (uncond, img1) (cond, 
 
 
 @pytest.fixture(scope="module")
-def min_dalle_modules():
-    """min-dalle's classes, with torch's global state saved and restored around them."""
+def min_dalle():
+    """min-dalle imported, with torch's global state saved and restored around it."""
     grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
     try:
-        from min_dalle.models.dalle_bart_decoder import IMAGE_TOKEN_COUNT, DalleBartDecoder
-        from min_dalle.models.dalle_bart_encoder import DalleBartEncoder
+        from min_dalle.models.dalle_bart_decoder import IMAGE_TOKEN_COUNT
     except ImportError as e:  # pragma: no cover - min-dalle is installed in the dev env
         pytest.skip(f"min-dalle is not importable: {e}")
     assert IMAGE_TOKEN_COUNT == CONFIG.image_len
@@ -76,86 +77,10 @@ def min_dalle_modules():
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            yield DalleBartEncoder, DalleBartDecoder
+            yield
     finally:
         torch.set_grad_enabled(grad)
         torch.set_num_threads(threads)
-
-
-# --------------------------------------------------------------------------------------
-# The released tree -> min-dalle state dicts (reference §2.3)
-# --------------------------------------------------------------------------------------
-
-# Per-layer released names (under .../FlaxBart{Encoder,Decoder}Layers/) -> torch names
-# (under layers.{l}.); "T" marks a Flax (in, out) kernel that torch stores as (out, in).
-_LAYER_MAP = {
-    "LayerNorm_0/bias": ("pre_self_attn_layer_norm.bias", False),
-    "LayerNorm_1/scale": ("self_attn_layer_norm.weight", False),
-    "LayerNorm_1/bias": ("self_attn_layer_norm.bias", False),
-    "LayerNorm_2/bias": ("pre_encoder_attn_layer_norm.bias", False),
-    "LayerNorm_3/scale": ("encoder_attn_layer_norm.weight", False),
-    "LayerNorm_3/bias": ("encoder_attn_layer_norm.bias", False),
-    "GLU_0/LayerNorm_0/bias": ("glu.ln0.bias", False),
-    "GLU_0/LayerNorm_1/bias": ("glu.ln1.bias", False),
-    "GLU_0/Dense_0/kernel": ("glu.fc0.weight", True),
-    "GLU_0/Dense_1/kernel": ("glu.fc1.weight", True),
-    "GLU_0/Dense_2/kernel": ("glu.fc2.weight", True),
-}
-for _attn, _torch in (("FlaxBartAttention_0", "self_attn"), ("FlaxBartAttention_1", "encoder_attn")):
-    for _p in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        _LAYER_MAP[f"{_attn}/{_p}/kernel"] = (f"{_torch}.{_p}.weight", True)
-
-_TOP_MAP = {
-    "embed_tokens/embedding": "embed_tokens.weight",
-    "embed_positions/embedding": "embed_positions.weight",
-    "layernorm_embedding/scale": "layernorm_embedding.weight",
-    "layernorm_embedding/bias": "layernorm_embedding.bias",
-    "final_ln/bias": "final_ln.bias",
-}
-
-
-def to_min_dalle(flat: dict[str, np.ndarray], stack: str) -> dict[str, "torch.Tensor"]:
-    """min-dalle's `encoder.pt` / `decoder.pt` state dict from the flat released tree.
-
-    Layers are unstacked, kernels transposed, scale/embedding renamed to weight; the
-    decoder also takes the top-level lm_head. Every released tensor of the stack must be
-    used: one the mapping does not know fails here instead of being dropped.
-    """
-    root = f"model/{stack}/"
-    layers = f"{root}layers/FlaxBart{stack.capitalize()}Layers/"
-    sd = {}
-    for key, value in flat.items():
-        if key.startswith(layers):
-            name, transpose = _LAYER_MAP[key[len(layers):]]
-            for l, v in enumerate(value):
-                sd[f"layers.{l}.{name}"] = torch.from_numpy(np.ascontiguousarray(v.T if transpose else v))
-        elif key.startswith(root):
-            sd[_TOP_MAP[key[len(root):]]] = torch.from_numpy(value)
-        elif key == "lm_head/kernel" and stack == "decoder":
-            sd["lm_head.weight"] = torch.from_numpy(np.ascontiguousarray(value.T))
-        else:
-            assert key == "lm_head/kernel" or key.startswith("model/"), f"unmapped tensor {key}"
-    return sd
-
-
-def load_non_strict(module, sd: dict, bias_only_norms: set[str]) -> None:
-    """`load_state_dict(strict=False)` as min-dalle does, but with every mismatch checked."""
-    for k, v in sd.items():
-        assert k in module.state_dict() and module.state_dict()[k].shape == v.shape, k
-    result = module.load_state_dict(sd, strict=False)
-    assert result.unexpected_keys == []
-    assert set(result.missing_keys) == {f"{n}.weight" for n in bias_only_norms}
-    # Those weights keep torch's default 1: a bias-only norm has a fixed unit scale.
-    for n in bias_only_norms:
-        weight = module.state_dict()[f"{n}.weight"]
-        assert torch.equal(weight, torch.ones_like(weight)), n
-
-
-def bias_only_norms(stack: str, num_layers: int) -> set[str]:
-    per_layer = ["pre_self_attn_layer_norm", "glu.ln0", "glu.ln1"]
-    if stack == "decoder":
-        per_layer.append("pre_encoder_attn_layer_norm")
-    return {"final_ln"} | {f"layers.{l}.{n}" for l in range(num_layers) for n in per_layer}
 
 
 # --------------------------------------------------------------------------------------
@@ -164,9 +89,8 @@ def bias_only_norms(stack: str, num_layers: int) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def models(min_dalle_modules, tmp_path_factory):
+def models(min_dalle, tmp_path_factory):
     """(our model, min-dalle encoder, min-dalle decoder) with the same random weights."""
-    DalleBartEncoder, DalleBartDecoder = min_dalle_modules
     cfg = CONFIG
     # Our model's tree (from shapes only), every tensor filled with random values: norms
     # too, since a norm left at 1/0 would let a missing or misplaced norm pass unnoticed.
@@ -194,19 +118,10 @@ def models(min_dalle_modules, tmp_path_factory):
     assert sorted(released) == sorted(weights)
     ours = DalleBart.from_pretrained(path)  # what the directory holds, not what we had in memory
 
-    encoder = DalleBartEncoder(
-        layer_count=cfg.num_encoder_layers, embed_count=cfg.embed_dim,
-        attention_head_count=cfg.num_heads, text_vocab_count=cfg.text_vocab_size,
-        text_token_count=cfg.text_len, glu_embed_count=cfg.mlp_dim, device="cpu",
-    ).eval()
-    decoder = DalleBartDecoder(
-        image_vocab_count=cfg.image_vocab_size, embed_count=cfg.embed_dim,
-        attention_head_count=cfg.num_heads, glu_embed_count=cfg.mlp_dim,
-        layer_count=cfg.num_decoder_layers, device="cpu",
-    ).eval()
+    # min-dalle's classes at CONFIG's sizes, loaded with the mapping of reference §2.3
+    # (non-strict, but only the bias-only norm weights may be missing; see the module).
+    encoder, decoder = dallebart_modules(cfg, released)  # it consumes `released`
     assert next(encoder.parameters()).dtype == torch.float32
-    load_non_strict(encoder, to_min_dalle(released, "encoder"), bias_only_norms("encoder", cfg.num_encoder_layers))
-    load_non_strict(decoder, to_min_dalle(released, "decoder"), bias_only_norms("decoder", cfg.num_decoder_layers))
     return ours, encoder, decoder
 
 

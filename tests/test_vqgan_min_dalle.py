@@ -2,8 +2,8 @@
 
 The weights are random, written by our code as a released-format model directory
 (`save_pretrained`), converted to min-dalle's state_dict with the mapping of its own
-converter (reference §2.4), and loaded with strict=True so every tensor is matched.
-min-dalle hard-codes the released f16/16384 shape, so the full decoder runs: once per
+converter (reference §2.4, in `dalle_mini_jax.min_dalle_compat`), and loaded with
+strict=True so every tensor is matched. min-dalle hard-codes the released f16/16384 shape, so the full decoder runs: once per
 side, on one image.
 """
 
@@ -26,6 +26,7 @@ from min_dalle.models import VQGanDetokenizer  # noqa: E402
 
 from dalle_mini_jax.checkpoint import MSGPACK_NAME, read_msgpack  # noqa: E402
 from dalle_mini_jax.config import VQGAN_PRESETS  # noqa: E402
+from dalle_mini_jax.min_dalle_compat import vqgan_detokenizer_state_dict  # noqa: E402
 from dalle_mini_jax.vqgan import VQModel, released_param_shapes  # noqa: E402
 
 CONFIG = VQGAN_PRESETS["f16_16384"]
@@ -64,34 +65,6 @@ def _random_released_params(seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def released_to_min_dalle(flat: dict[str, np.ndarray]) -> dict[str, "torch.Tensor"]:
-    """Released flat tree -> min-dalle `VQGanDetokenizer` state_dict (its converter's rules).
-
-    Decoder side only (encoder and quant_conv are dropped). In keys under up/down,
-    `_` becomes `.` (`up_4/block_0` -> `up.4.block.0`) except inside `proj_out` and
-    `nin_shortcut`; conv kernels HWIO -> OIHW; GroupNorm `scale` -> `weight`; the codebook
-    `quantize/embedding/embedding` -> `embedding.weight`.
-    """
-    sd = {}
-    for name, value in flat.items():
-        if name.startswith(("encoder/", "quant_conv/")):
-            continue
-        if name == "quantize/embedding/embedding":
-            sd["embedding.weight"] = torch.from_numpy(value.copy())
-            continue
-        key = name.replace("/", ".")
-        if "up" in key or "down" in key:
-            key = key.replace("_", ".")
-            key = key.replace("proj.out", "proj_out").replace("nin.shortcut", "nin_shortcut")
-        if key.endswith(".kernel"):
-            key = key[: -len("kernel")] + "weight"
-            value = value.transpose(3, 2, 0, 1)
-        elif key.endswith(".scale"):
-            key = key[: -len("scale")] + "weight"
-        sd[key] = torch.from_numpy(np.ascontiguousarray(value))
-    return sd
-
-
 def _rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
@@ -111,7 +84,7 @@ def test_decode_code_matches_min_dalle(tmp_path):
     for m in norms:
         m.eps = CONFIG.norm_eps
     flat = read_msgpack(tmp_path / "vqgan" / MSGPACK_NAME)
-    detok.load_state_dict(released_to_min_dalle(flat), strict=True)
+    detok.load_state_dict(vqgan_detokenizer_state_dict(flat), strict=True)
 
     codes = np.random.default_rng(1).integers(0, CONFIG.codebook_size, (1, CONFIG.num_tokens))
 

@@ -75,6 +75,9 @@ def test_resume_continues_exactly(trained, tmp_path):
     _, reference = trained
     assert vt.train_vqgan(_cfg(), tmp_path, stop_at_step=4) is None
     assert not (tmp_path / vt.MODEL_DIR).exists()
+    # The transformer trainer's layout (train_checkpoint): the state and a JSON item.
+    step4 = tmp_path / vt.CHECKPOINT_DIR / "4"
+    assert sorted(p.name for p in step4.iterdir() if p.is_dir()) == ["meta", "state"]
     model_dir = vt.train_vqgan(_cfg(), tmp_path)
     got, want = _params(model_dir), _params(reference)
     for k in want:
