@@ -323,10 +323,10 @@ class DalleMini:
                                                   normalize=config.normalize_text)
         vqgan = VQGANDecoder.from_pretrained(vq_path, dtype=dtype)
         model = DalleBart.from_pretrained(path, dtype=dtype, mesh=mesh)
-        # Trim before the sampler splits the stacked decoder into per-layer buffers: without
-        # it the host tensors freed by loading are not reused for the split copies, and the
-        # peak RSS of a mini load was 3.49 GB instead of 2.63 GB (benchmarks/generate.py
-        # child, RSS sampled every 0.5 s; the peak sat exactly at the split).
+        # Give the host tensors freed by loading back before the sampler splits the stacked
+        # decoder into per-layer buffers, where the peak RSS of a load sits
+        # (benchmarks/load_memory.py: mini fp32 2.1 GB before and after the split, a
+        # 2.6-3.3 GB high-water mark during it, varying from run to run).
         _return_free_memory()
         name = "bundled" if model_dir is None else path.name
         pipe = cls(model, vqgan, tokenizer, name=name, mesh=mesh, release_stacked=True,

@@ -1,0 +1,75 @@
+"""Where generation's memory goes: RSS and peak RSS after each stage of loading and generating.
+
+    python benchmarks/generate.py --preset mini --only ours1 --runs 1 --workdir /tmp/bench_mini
+    python benchmarks/load_memory.py /tmp/bench_mini/mini-model [--dtype bfloat16]
+
+The stages are those of `DalleMini.from_pretrained` taken apart (VQGAN decoder, DalleBart,
+the sampler's per-layer split), with glibc's `malloc_trim` after each, then two
+generations. Each line: seconds since start, stage, VmRSS and VmHWM (peak) in MiB, read
+from /proc/self/status (Linux). Compare the peak with `benchmarks/generate.py`'s
+`peak_rss_mb` for ours1 to see what the pipeline's own order of stages costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def rss_mb() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS", "VmHWM")):
+            key, value = line.split(":")
+            out[key] = int(value.split()[0]) // 1024
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path, help="a model directory with vqgan/ inside")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt", default="a red square on a white background")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+
+    def report(stage: str) -> None:
+        print(f"{time.perf_counter() - start:6.1f} s  {stage:<28} {rss_mb()}", flush=True)
+
+    report("start")
+    from dalle_mini_jax import pipeline as pl
+    from dalle_mini_jax.config import DalleBartConfig
+    from dalle_mini_jax.text import TextTokenizer
+    from dalle_mini_jax.transformer import DalleBart
+
+    report("imports")
+    dtype = pl.resolve_dtype(args.dtype)
+    config = DalleBartConfig.load(args.model_dir / "config.json")
+    vqgan = pl.VQGANDecoder.from_pretrained(args.model_dir / "vqgan", dtype=dtype)
+    pl._return_free_memory()
+    report("VQGAN decoder loaded")
+    model = DalleBart.from_pretrained(args.model_dir, dtype=dtype)
+    report("DalleBart loaded")
+    pl._return_free_memory()
+    report("trimmed")
+    tokenizer = TextTokenizer.from_pretrained(args.model_dir, text_len=config.text_len,
+                                              normalize=config.normalize_text)
+    pipe = pl.DalleMini(model, vqgan, tokenizer, name=args.model_dir.name, release_stacked=True)
+    report("decoder split per layer")
+    pl._return_free_memory()
+    report("trimmed")
+    for i in (1, 2):
+        pipe.generate([args.prompt], num_images=1, seed=1, top_k=50, guidance=10.0, top_p=None,
+                      temperature=1.0)
+        report(f"generate {i}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
