@@ -112,16 +112,27 @@ def decoder_step_bytes(cfg, itemsize: int) -> int:
     return (L * per_layer + D * cfg.decoder_vocab_size + 4 * D) * itemsize
 
 
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process. VmHWM, not ru_maxrss: Linux carries ru_maxrss over an
-    exec, so a child would report its (large) parent's peak."""
+def proc_memory_mb() -> dict[str, float]:
+    """This process's VmRSS (now) and VmHWM (peak) in MiB, from /proc/self/status (Linux).
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so a child would report
+    its (large) parent's peak. Empty where /proc is not there.
+    """
+    out = {}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) / 1024  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return out
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM; ru_maxrss where there is no /proc)."""
+    peak = proc_memory_mb().get("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _median_runs(fn, runs: int, warmup: int = 1) -> tuple[float, list[float]]:

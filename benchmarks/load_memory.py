@@ -21,14 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-
-def rss_mb() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS", "VmHWM")):
-            key, value = line.split(":")
-            out[key] = int(value.split()[0]) // 1024
-    return out
+from generate import proc_memory_mb  # noqa: E402  (benchmarks/generate.py, beside this file)
 
 
 def main(argv=None) -> int:
@@ -40,7 +33,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
 
     def report(stage: str) -> None:
-        print(f"{time.perf_counter() - start:6.1f} s  {stage:<28} {rss_mb()}", flush=True)
+        mem = proc_memory_mb()
+        print(f"{time.perf_counter() - start:6.1f} s  {stage:<28} RSS {mem['VmRSS']:7.0f} MiB  "
+              f"peak {mem['VmHWM']:7.0f} MiB", flush=True)
 
     report("start")
     from dalle_mini_jax import pipeline as pl

@@ -23,23 +23,22 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
-
-
-def _top_ks(text: str) -> list[int | None]:
-    return [None if x in ("0", "none") else int(x) for x in text.split(",")]
+def _list_of(parse):
+    """A comma-separated list, each item parsed as the CLI's matching flag parses it."""
+    return lambda text: [parse(x) for x in text.split(",")]
 
 
 def main(argv=None) -> int:
+    from dalle_mini_jax.cli import positive_float, top_k_arg
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (with vqgan/)")
     p.add_argument("--prompts", type=int, default=90)
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--guidance", type=_floats, default=[1.0, 2.0, 3.0, 5.0, 10.0])
-    p.add_argument("--top-k", type=_top_ks, default=[50], help="comma list; 0 = all codes")
-    p.add_argument("--temperature", type=_floats, default=[1.0])
+    p.add_argument("--guidance", type=_list_of(float), default=[1.0, 2.0, 3.0, 5.0, 10.0])
+    p.add_argument("--top-k", type=_list_of(top_k_arg), default=[50], help="comma list; 0 = all codes")
+    p.add_argument("--temperature", type=_list_of(positive_float), default=[1.0])
     p.add_argument("--json", action="store_true", help="last line: one JSON list of rows")
     args = p.parse_args(argv)
 

@@ -301,9 +301,7 @@ def run(args) -> int:
     """`dalle-mini-jax eval` (the `cli.register` signature): prints the table."""
     from .pipeline import GENERATION_CONFIG_NAME, DalleMini, resolve_model_dir, write_generation_config
 
-    if args.model is not None and not args.model.is_dir():
-        raise FileNotFoundError(f"model directory {args.model} does not exist")
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model_dir(args.model)  # a missing directory: FileNotFoundError, now
     if args.save_defaults and not os.access(model_dir, os.W_OK):
         from .cli import CliError
 
