@@ -13,6 +13,8 @@ seed 1) it reports, as one JSON line (also written to MODEL/../benchmark.json):
   params, fp32_mb  size of the model
   train_seconds, train_steps, train_cpu_seconds   from the work directory's metrics,
                    when the model sits in a work directory
+  failures         with --failures: the judge's rejections counted by kind of miss
+                   (colour, shape, size, cell, object count) and the first ten
 Target: judge_accept >= 0.99 after at most 20 minutes of training on a 2-core CPU.
 """
 
@@ -23,6 +25,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -59,7 +62,29 @@ def _training_facts(model_dir: Path) -> dict:
             "train_cpu_seconds": last.get("cpu_seconds")}
 
 
-def benchmark(model_dir: str | Path, num: int = 1000, seed: int = 12345) -> dict:
+def failure_kinds(model: VQModel, images: np.ndarray, captions: list[str]) -> dict[str, int]:
+    """What the judge rejects in the reconstructions: counts per kind of miss
+    ('colour', 'shape', 'size', 'cell', 'object count', ...), and the first rejections."""
+    from dalle_mini_jax import evaluate
+    from dalle_mini_jax.vqgan_train import reconstruct_batch
+
+    graphdef, params = nnx.split(model)
+    kinds: Counter = Counter()
+    examples = []
+    for i in range(0, len(images), 64):
+        recon, _ = reconstruct_batch(params, images[i:i + 64], graphdef=graphdef)
+        for image, caption in zip(np.asarray(recon), captions[i:i + 64]):
+            ok, _, reason = evaluate.judge_detailed(image, caption)
+            if ok:
+                continue
+            kinds.update(evaluate.miss_kinds(reason))
+            if len(examples) < 10:
+                examples.append(f"{caption} | {reason[:140]}")
+    return {"kinds": dict(kinds.most_common()), "examples": examples}
+
+
+def benchmark(model_dir: str | Path, num: int = 1000, seed: int = 12345,
+              failures: bool = False) -> dict:
     """The numbers in the module docstring, for the VQGAN directory `model_dir`."""
     model_dir = Path(model_dir)
     model = VQModel.from_pretrained(model_dir)
@@ -69,6 +94,8 @@ def benchmark(model_dir: str | Path, num: int = 1000, seed: int = 12345) -> dict
     t = time.perf_counter()
     out = reconstruction_metrics(model, images, captions)
     seconds = time.perf_counter() - t
+    if failures:
+        out["failures"] = failure_kinds(model, images, captions)
     params = model.released_params()
     n = int(sum(v.size for v in params.values()))
     codes = np.asarray(nnx.jit(lambda m, x: m.encode(x))(model, images[:16] / 255.0))
@@ -90,6 +117,8 @@ def main(argv=None) -> None:
                         help="first train with training/configs/vqgan_shapes.py into --workdir")
     parser.add_argument("--num", type=int, default=1000, help="held-out images")
     parser.add_argument("--seed", type=int, default=12345, help="shapes seed of the held-out set")
+    parser.add_argument("--failures", action="store_true",
+                        help="also count what the judge rejects (colour, shape, object count, ...)")
     args = parser.parse_args(argv)
     if args.train:
         from dalle_mini_jax import vqgan_train
@@ -97,7 +126,7 @@ def main(argv=None) -> None:
         config = Path(__file__).resolve().parents[1] / "training/configs/vqgan_shapes.py"
         vqgan_train.train_vqgan(vqgan_train.load_config(str(config)), args.workdir)
     model_dir = Path(args.model or Path(args.workdir) / "model")
-    result = benchmark(model_dir, args.num, args.seed)
+    result = benchmark(model_dir, args.num, args.seed, args.failures)
     line = json.dumps(result)
     print(line)
     (model_dir.parent / "benchmark.json").write_text(line + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,11 @@ class DalleBartConfig:
     # Names the VQGAN this transformer was trained with: a path relative to the model
     # directory, or absolute. Not a released key (they pass the VQGAN separately).
     vqgan_path: str | None = None
+    # Decoder only: learned row and column tables [g, D] (g = sqrt(image_len)) added to the
+    # position table, so a small model learns "row 0" once, not once per cell, and position
+    # words have a direct handle. Our extension (config key `image_position_2d`); the
+    # released checkpoints have none.
+    image_pos_2d: bool = False
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
@@ -81,6 +87,11 @@ class DalleBartConfig:
                 f"activation_function={self.activation!r} is not implemented; "
                 f"choose one of {sorted(_ACTIVATIONS)}"
             )
+        if self.image_pos_2d and self.image_grid ** 2 != self.image_len:
+            raise ConfigError(
+                f"image_position_2d needs a square token grid; image_len={self.image_len} is "
+                "not a square"
+            )
         for name in ("embed_dim", "num_heads", "mlp_dim", "num_encoder_layers",
                      "num_decoder_layers", "text_vocab_size", "image_vocab_size",
                      "text_len", "image_len"):
@@ -92,6 +103,11 @@ class DalleBartConfig:
     def head_dim(self) -> int:
         """K: width of one attention head."""
         return self.embed_dim // self.num_heads
+
+    @property
+    def image_grid(self) -> int:
+        """Tokens per row of the (square) image token grid."""
+        return math.isqrt(self.image_len)
 
     @property
     def decoder_vocab_size(self) -> int:
@@ -171,6 +187,8 @@ class DalleBartConfig:
         }
         if self.vqgan_path is not None:
             d["vqgan_path"] = self.vqgan_path
+        if self.image_pos_2d:  # written only when set: released readers never see it
+            d["image_position_2d"] = True
         return d
 
     @classmethod
@@ -209,6 +227,7 @@ class DalleBartConfig:
             use_final_ln=d.pop("use_final_ln_encoder", cls.use_final_ln),
             normalize_text=d.pop("normalize_text", cls.normalize_text),
             vqgan_path=d.pop("vqgan_path", None),
+            image_pos_2d=bool(d.pop("image_position_2d", False)),
             decoder_start_token_id=None if start in (None, image_vocab) else start,
         )
         for k in ("decoder_attention_heads", "decoder_ffn_dim", "use_final_ln_decoder"):

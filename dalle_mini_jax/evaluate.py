@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -377,6 +378,20 @@ def judge_detailed(image, caption: str | CaptionSpec
     return ok, objects, reason
 
 
+def miss_kinds(reason: str) -> list[str]:
+    """The kinds of miss in a `match` reason, for failure reports: 'object count' (too many
+    or too few objects), else one entry per missed attribute ('colour', 'shape', 'size',
+    'cell'), 'relation' and 'shared cell'. [] for 'ok'."""
+    if reason == "ok":
+        return []
+    if reason.startswith("found "):
+        return ["object count"]
+    kinds = re.findall(r"\b(colour|shape|size|cell) is ", reason)
+    kinds += ["relation"] * len(re.findall(r"(?:^|; )not (?:" + "|".join(shapes.RELATIONS) + "):", reason))
+    kinds += ["shared cell"] * reason.count("objects share a cell")
+    return kinds
+
+
 def judge(image, caption: str | CaptionSpec) -> bool:
     """Whether an image, uint8 [64, 64, 3], satisfies a caption (shapes-v1 judging)."""
     return judge_detailed(image, caption)[0]
@@ -428,5 +443,5 @@ def task_accuracy(images, captions: Sequence[str | CaptionSpec]) -> dict[str, fl
 __all__ = [
     "FOREGROUND_DISTANCE", "MIN_PIXELS", "LARGE_FROM", "DetectedObject", "foreground",
     "label_components", "find_objects", "find_objects_batch", "parse_caption", "match",
-    "judge", "judge_detailed", "judge_batch", "benchmark_prompts", "task_accuracy",
+    "judge", "judge_detailed", "judge_batch", "miss_kinds", "benchmark_prompts", "task_accuracy",
 ]

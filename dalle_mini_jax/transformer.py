@@ -118,11 +118,14 @@ class Layers(nnx.Module):
 
 
 class Embedder(nnx.Module):
-    """Token table, learned absolute position table and the embedding LayerNorm."""
+    """Token table, learned absolute position table and the embedding LayerNorm; with
+    `grid`, also learned row and column tables [grid, D] (`image_pos_2d`)."""
 
-    def __init__(self, vocab: int, length: int, D: int, init, rngs, param_dtype):
+    def __init__(self, vocab: int, length: int, D: int, init, rngs, param_dtype, grid: int = 0):
         self.tokens = param(init(rngs.params(), (vocab, D), param_dtype), ("vocab", "embed"))
         self.positions = param(init(rngs.params(), (length, D), param_dtype), ("positions", "embed"))
+        self.rows = param(init(rngs.params(), (grid, D), param_dtype), ("positions", "embed")) if grid else None
+        self.cols = param(init(rngs.params(), (grid, D), param_dtype), ("positions", "embed")) if grid else None
         self.norm = Norm((), D, True, param_dtype)
 
 
@@ -200,6 +203,11 @@ def _decoder_layer(
 
 def _embed(cfg: DalleBartConfig, e: dict, ids: jax.Array, positions: jax.Array, dtype) -> jax.Array:
     h = e["tokens"].astype(dtype)[ids] + e["positions"].astype(dtype)[positions]
+    if e.get("rows") is not None:
+        # Decoder position p holds token p-1 and predicts token p: the row and column
+        # are those of the token being predicted.
+        g = cfg.image_grid
+        h = h + e["rows"].astype(dtype)[positions // g] + e["cols"].astype(dtype)[positions % g]
     h = layer_norm(h, e["norm"], cfg.layer_norm_eps)
     return constrain(h, ("act_batch", "act_len", "act_embed"))
 
@@ -252,7 +260,8 @@ class DalleBart(nnx.Module):
         self.enc_embed = Embedder(cfg.text_vocab_size, cfg.text_len, D, init, rngs, param_dtype)
         self.enc_layers = Layers(cfg, cfg.num_encoder_layers, False, init, rngs, param_dtype)
         self.enc_final = Norm((), D, False, param_dtype) if cfg.use_final_ln else None
-        self.dec_embed = Embedder(cfg.decoder_vocab_size, cfg.image_len, D, init, rngs, param_dtype)
+        self.dec_embed = Embedder(cfg.decoder_vocab_size, cfg.image_len, D, init, rngs, param_dtype,
+                                  grid=cfg.image_grid if cfg.image_pos_2d else 0)
         self.dec_layers = Layers(cfg, cfg.num_decoder_layers, True, init, rngs, param_dtype)
         self.dec_final = Norm((), D, False, param_dtype) if cfg.use_final_ln else None
         self.lm_head = param(init(rngs.params(), (D, cfg.decoder_vocab_size), param_dtype), ("embed", "vocab"))
@@ -478,6 +487,9 @@ def released_names(cfg: DalleBartConfig) -> dict[str, str]:
         root = f"model/{stack}"
         names[f"{side}_embed/tokens"] = f"{root}/embed_tokens/embedding"
         names[f"{side}_embed/positions"] = f"{root}/embed_positions/embedding"
+        if side == "dec" and cfg.image_pos_2d:  # our extension; not in released trees
+            names["dec_embed/rows"] = f"{root}/embed_rows/embedding"
+            names["dec_embed/cols"] = f"{root}/embed_cols/embedding"
         names[f"{side}_embed/norm/scale"] = f"{root}/layernorm_embedding/scale"
         names[f"{side}_embed/norm/bias"] = f"{root}/layernorm_embedding/bias"
         if cfg.use_final_ln:

@@ -113,6 +113,9 @@ class VQGANTrainConfig:
     beta: float = 0.25  # commitment cost: pulls latents towards their codes
     codebook: str = "ema"  # "ema": codes are EMA means of their latents; "loss": learnt by gradient
     ema_decay: float = 0.99  # decay of the code usage / latent-sum EMAs
+    # Polyak average of all parameters (codebook included), evaluated and exported instead
+    # of the raw ones; its decay warms up as min(param_ema, (1 + t) / (10 + t)). 0: off.
+    param_ema: float = 0.0
     l2_normalize: bool = True  # unit-norm latents and codes (cosine-similarity lookup)
     init_codebook_from_data: bool = True  # step 0 sets every code to a latent of the first batch (not with init)
     restart_every: int = 50  # check for dead codes every N steps; 0 never restarts
@@ -127,6 +130,8 @@ class VQGANTrainConfig:
     def __post_init__(self):
         if self.codebook not in ("ema", "loss"):
             raise ValueError(f"codebook={self.codebook!r}: choose 'ema' or 'loss'")
+        if not 0.0 <= self.param_ema < 1.0:
+            raise ValueError(f"param_ema must be in [0, 1), got {self.param_ema}")
         for name in ("num_steps", "batch_size", "eval_size", "shuffle_window", "log_every",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -176,7 +181,7 @@ def shapes_config() -> VQGANTrainConfig:
         batch_size=8, learning_rate=3e-3, warmup_steps=50, num_steps=100_000,
         # 19 minutes: the final eval and the export fit in the 20th.
         time_budget_s=1140, l1_weight=0.0, l2_weight=1.0, l2_normalize=False,
-        eval_every=250, checkpoint_every=250)
+        param_ema=0.998, eval_every=500, checkpoint_every=500)
 
 
 BUILTIN_CONFIGS = {"tiny": tiny_config, "shapes": shapes_config}
@@ -216,6 +221,7 @@ class TrainState:
       usage: float32 [K], EMA of how many latents each code received per step.
       code_sum: float32 [K, D], EMA of the sum of the latents each code received.
       rng: uint32 [2], the key restarts draw from (split every step).
+      ema_params: the Polyak average of `params` (`param_ema` > 0), else None.
     """
 
     step: jax.Array
@@ -224,6 +230,11 @@ class TrainState:
     usage: jax.Array
     code_sum: jax.Array
     rng: jax.Array
+    ema_params: nnx.State | None = None
+
+    def eval_params(self) -> nnx.State:
+        """The parameters to evaluate and export: the average when there is one."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
 @functools.lru_cache(maxsize=16)
@@ -286,7 +297,8 @@ def init_state(model: VQModel, cfg: VQGANTrainConfig, tx: optax.GradientTransfor
     usage = jnp.zeros((k,), jnp.float32) if fresh else jnp.full((k,), mean_usage, jnp.float32)
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), usage=usage,
-        code_sum=codebook * usage[:, None], rng=jax.random.PRNGKey(cfg.seed + 1))
+        code_sum=codebook * usage[:, None], rng=jax.random.PRNGKey(cfg.seed + 1),
+        ema_params=jax.tree.map(jnp.copy, params) if cfg.param_ema else None)
     return graphdef, state
 
 
@@ -374,6 +386,15 @@ def train_step(state: TrainState, images: jax.Array, learning_rate: jax.Array, *
     code_sum = jnp.where(dead[:, None], codebook * usage[:, None], code_sum)
     params = _set_codebook(graphdef, params, codebook.astype(old.dtype))
 
+    ema_params = None
+    if cfg.param_ema:
+        # Averaged after the codebook update, so the averaged encoder, codebook and decoder
+        # move together. The warm-up keeps the random init from lingering in the average.
+        t = state.step.astype(jnp.float32)
+        d = jnp.minimum(cfg.param_ema, (1.0 + t) / (10.0 + t))
+        ema_params = jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(p.dtype),
+                                  state.ema_params, params)
+
     probs = counts / flat.shape[0]
     metrics = dict(
         metrics, loss=loss,
@@ -381,7 +402,7 @@ def train_step(state: TrainState, images: jax.Array, learning_rate: jax.Array, *
         codes_used=jnp.mean(counts > 0), restarted=jnp.sum(dead).astype(jnp.float32),
         grad_norm=optax.global_norm(grads))
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           usage=usage, code_sum=code_sum, rng=rng)
+                           usage=usage, code_sum=code_sum, rng=rng, ema_params=ema_params)
     return new_state, metrics
 
 
@@ -581,6 +602,11 @@ def _initializer(config: VQGANConfig):
     return graphdef, jax.jit(lambda key: nnx.split(VQModel(config, rngs=nnx.Rngs(key)))[1])
 
 
+def _score(metrics: dict[str, float]) -> tuple[float, float]:
+    """Held-out quality for choosing between parameter sets: judge acceptance, then PSNR."""
+    return metrics.get("judge_accept", 0.0), metrics["psnr"]
+
+
 def _log_metrics(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -643,10 +669,10 @@ def train_vqgan(cfg: VQGANTrainConfig, workdir: str | Path, *,
         ckpt.save(step, state, {"position": stream.position, "train_seconds": elapsed(),
                                 "cpu_seconds": cpu_seconds(), "budget_start": budget_start})
 
-    def evaluate_now():
-        out = reconstruction_metrics(nnx.merge(graphdef, state.params), eval_images,
-                                     eval_captions)
-        _log_metrics(metrics_path, {"step": step, "split": "eval", **out,
+    def evaluate_now(params=None, **extra):
+        params = state.eval_params() if params is None else params
+        out = reconstruction_metrics(nnx.merge(graphdef, params), eval_images, eval_captions)
+        _log_metrics(metrics_path, {"step": step, "split": "eval", **out, **extra,
                                     "seconds": round(elapsed(), 1), "cpu_seconds": cpu_seconds()})
         return out
 
@@ -701,8 +727,16 @@ def train_vqgan(cfg: VQGANTrainConfig, workdir: str | Path, *,
         stream.close()
         ckpt.close()
     out = evaluate_now()
+    export = state.eval_params()
+    if state.ema_params is not None:
+        # The average usually wins, but not always (a run stopped early, a decay too slow
+        # for the run): the held-out eval picks which of the two is exported.
+        raw = evaluate_now(state.params, weights="raw")
+        if _score(raw) > _score(out):
+            logger.info("exporting the raw parameters: they beat the average on held-out data")
+            out, export = raw, state.params
     model_dir = workdir / MODEL_DIR
-    nnx.merge(graphdef, state.params).save_pretrained(model_dir)
+    nnx.merge(graphdef, export).save_pretrained(model_dir)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in out.items())
     logger.info("step %d%s: %s; exported %s", step,
                 " (time budget reached)" if stopped_early else "", summary, model_dir)

@@ -437,6 +437,15 @@ def test_judge_reports_and_refuses_bad_input():
     assert not ok and "size is small, not large" in reason
     ok, _, reason = evaluate.judge_detailed(image, "a red square on the left")
     assert not ok and "shape is circle, not square" in reason and "cell is (1, 1)" in reason
+    assert evaluate.miss_kinds(reason) == ["shape", "cell"]
+    assert evaluate.miss_kinds(evaluate.judge_detailed(image, "two red circles")[2]) == ["object count"]
+    two = shapes.render(Scene((SceneObject("red", "circle", "small", (1, 1)),
+                               SceneObject("blue", "square", "small", (0, 1)))))
+    reason = evaluate.judge_detailed(two, "a red circle above a blue square")[2]
+    assert evaluate.miss_kinds(reason) == ["relation"]
+    reason = evaluate.judge_detailed(two, "a green circle below a blue square")[2]
+    assert evaluate.miss_kinds(reason) == ["colour"]
+    assert evaluate.miss_kinds("ok") == []
     with pytest.raises(ValueError, match="cannot parse caption"):
         evaluate.judge(image, "a red circle please")
     with pytest.raises(ValueError, match="uint8"):

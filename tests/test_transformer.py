@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dalle_mini_jax import checkpoint as ckpt
-from dalle_mini_jax.config import DalleBartConfig, transformer_preset
+from dalle_mini_jax.config import ConfigError, DalleBartConfig, transformer_preset
 from dalle_mini_jax.sharding import activate, make_mesh
 from dalle_mini_jax.transformer import DalleBart, count_params, released_names
 
@@ -270,6 +270,34 @@ def test_decode_step_matches_full_sequence(ln_positions, use_glu):
         assert err < 1e-5, f"cached ({layout}) vs full: relative error {err:.2e}"
     # The rows really differ (the padding is not masking everything into the same output).
     assert rel_err(full[1], full[2]) > 1e-2
+
+
+def test_image_pos_2d(tmp_path):
+    """Row and column tables: cached == full decoding, a saved model reloads them by name,
+    the config key round-trips, and the row/column really enter the embedding."""
+    cfg = transformer_preset("tiny").replace(image_pos_2d=True, init_std=0.1)
+    model = randomize(DalleBart(cfg, rngs=nnx.Rngs(5)), seed=5)
+    g = cfg.image_grid
+    assert g * g == cfg.image_len and model.dec_embed.rows.shape == (g, cfg.embed_dim)
+    ids, mask = text_batch(cfg, [cfg.text_len, 4])
+    dec = image_batch(cfg, 2)
+    full, runs = full_and_cached(model, ids, mask, dec, per_layer=True)
+    for steps in runs:
+        assert rel_err(steps, full) < 1e-5
+    # The tables matter: zeroing the column table changes every position's logits.
+    params = model.released_params()
+    assert params["model/decoder/embed_rows/embedding"].shape == (g, cfg.embed_dim)
+    model.save_pretrained(tmp_path)
+    assert DalleBartConfig.load(tmp_path / "config.json") == cfg
+    again = DalleBart.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(np.asarray(again.dec_embed.cols[...]), np.asarray(model.dec_embed.cols[...]))
+    again.dec_embed.cols[...] = jnp.zeros_like(again.dec_embed.cols[...])
+    changed = nnx.jit(lambda m: m(ids, mask, dec))(again)
+    assert rel_err(changed, full) > 1e-2
+    # A released-format config without the key is a model without the tables.
+    assert "image_position_2d" not in transformer_preset("tiny").to_released_dict()
+    with pytest.raises(ConfigError, match="square"):
+        cfg.replace(image_len=15)
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,35 @@ def test_fresh_model_takes_its_codebook_from_the_first_batch():
     assert int(metrics["restarted"]) == cfg.model.codebook_size
 
 
+def test_parameter_average_follows_its_formula_and_the_better_set_is_exported(tmp_path):
+    cfg = _cfg(param_ema=0.9)
+    model = vt.new_model(cfg.model, 0)
+    graphdef, state = vt.init_state(model, cfg, vt.make_optimizer(cfg.step_config()), fresh=True)
+    flat = lambda tree: [np.array(x) for x in jax.tree.leaves(tree)]  # noqa: E731 (copies: the step donates)
+    ema = flat(state.ema_params)
+    for x, p in zip(ema, flat(state.params)):
+        np.testing.assert_array_equal(x, p)
+    rng = np.random.default_rng(2)
+    for t in range(3):
+        images = rng.integers(0, 256, (cfg.batch_size, 16, 16, 3), np.uint8)
+        state, _ = _step_once(cfg, state, graphdef, images)
+        d = min(0.9, (1 + t) / (10 + t))  # the warm-up: early steps weigh the new params most
+        ema = [d * e + (1 - d) * p for e, p in zip(ema, flat(state.params))]
+        for got, want in zip(flat(state.ema_params), ema):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert state.eval_params() is state.ema_params
+    # A run evaluates both sets at the end and exports the one that scores better.
+    model_dir = vt.train_vqgan(cfg, tmp_path)
+    *_, avg, raw = _metrics(tmp_path, "eval")
+    assert raw["weights"] == "raw" and "weights" not in avg and avg["step"] == raw["step"] == 8
+    best = max(avg, raw, key=vt._score)
+    images, captions = vt.load_eval_images(cfg, 16)
+    got = vt.reconstruction_metrics(VQModel.from_pretrained(model_dir), images, captions)
+    assert got["psnr"] == pytest.approx(best["psnr"], abs=1e-6)
+    with pytest.raises(ValueError, match="param_ema"):
+        _cfg(param_ema=1.0)
+
+
 def test_fine_tune_from_a_saved_directory(trained, tmp_path):
     _, model_dir = trained
     start = _params(model_dir)

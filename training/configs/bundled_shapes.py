@@ -23,6 +23,10 @@ and examples seen buy a lot:
 - D=128, 4 heads of 32, GLU width 384, 2 encoder + 4 decoder layers (1.9 M parameters
   with 1,024 image codes, 7.6 MB in float32): the encoder only has to bind colour/size/shape/position words
   (captions are at most 27 tokens), the decoder has to lay out 64 codes consistently;
+- learned row and column tables for the image tokens on top of the 1-D position table
+  (`image_pos_2d`): the first shipped model (1-D positions only) ignored position words
+  (position task 0.20, about chance) although 42 % of the captions name a cell; with the
+  tables, "the top left" meets the same row/column vectors in every cell it covers;
 - a BPE of at most 512 ids trained on the normalized captions (367 come out: the merges
   stop once every grammar word is one token), so the longest caption (27 tokens, BOS and
   EOS included) fits text_len=32;
@@ -33,7 +37,8 @@ and examples seen buy a lot:
 - the data are read once per epoch in a seeded order: 7,000 steps of 32 read the 60k
   encoded examples 3.7 times. Measured on the 2-core CPU with nothing else running:
   70 examples/s (2.2 steps/s), so 7,000 steps take ~54 minutes plus compilation and
-  export; the shipped model is this run (BUNDLED.md: overall 0.252). On a slower CPU
+  export; the shipped model is this run (BUNDLED.md: overall 0.310; 54.8 min at 66-72
+  examples/s). On a slower CPU
   pass --steps so that the run fits your budget (the rate is in metrics.jsonl).
 """
 
@@ -67,7 +72,7 @@ def get_config(variant: str | None = None) -> TrainConfig:
     model = transformer_preset("shapes").replace(
         embed_dim=128, num_heads=4, mlp_dim=384, num_encoder_layers=2, num_decoder_layers=4,
         text_vocab_size=VOCAB_SIZE, text_len=TEXT_LEN,
-        image_vocab_size=vq.codebook_size, image_len=vq.num_tokens,
+        image_vocab_size=vq.codebook_size, image_len=vq.num_tokens, image_pos_2d=True,
     )
     cfg = TrainConfig(
         model=model,
