@@ -29,6 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("model_dir", type=Path, help="a model directory with vqgan/ inside")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt", default="a red square on a white background")
+    p.add_argument("--probe", action="store_true",
+                   help="before the split, wait for every weight to be on the device, read one "
+                        "stacked decoder weight on the host (np.asarray) and run gc.collect(), "
+                        "reporting after each; then stop")
     args = p.parse_args(argv)
     start = time.perf_counter()
 
@@ -53,6 +57,23 @@ def main(argv=None) -> int:
     report("DalleBart loaded")
     pl._return_free_memory()
     report("trimmed")
+    if args.probe:
+        import gc
+
+        import numpy as np
+
+        import jax
+        from flax import nnx
+
+        t = time.perf_counter()
+        jax.block_until_ready(nnx.state(model))
+        report(f"all weights ready ({time.perf_counter() - t:.2f} s)")
+        host = np.asarray(model.dec_layers.self_attn.q[...])  # a view: no copy of the data
+        report(f"host read {host.nbytes >> 20} MiB weight")
+        report(f"gc.collect() freed {gc.collect()} objects")
+        pl._return_free_memory()
+        report("trimmed")
+        return 0
     tokenizer = TextTokenizer.from_pretrained(args.model_dir, text_len=config.text_len,
                                               normalize=config.normalize_text)
     pipe = pl.DalleMini(model, vqgan, tokenizer, name=args.model_dir.name, release_stacked=True)
