@@ -323,10 +323,9 @@ class DalleMini:
                                                   normalize=config.normalize_text)
         vqgan = VQGANDecoder.from_pretrained(vq_path, dtype=dtype)
         model = DalleBart.from_pretrained(path, dtype=dtype, mesh=mesh)
-        # Give the host tensors freed by loading back before the sampler splits the stacked
-        # decoder into per-layer buffers, where the peak RSS of a load sits
-        # (benchmarks/load_memory.py: mini fp32 2.1 GB before and after the split, a
-        # 2.6-3.3 GB high-water mark during it, varying from run to run).
+        # Give the host tensors freed by loading back to the OS before the sampler splits
+        # the stacked decoder into per-layer buffers (benchmarks/load_memory.py: mini fp32
+        # 2.06 GB resident after the trim, 2.12 GB after the split).
         _return_free_memory()
         name = "bundled" if model_dir is None else path.name
         pipe = cls(model, vqgan, tokenizer, name=name, mesh=mesh, release_stacked=True,
