@@ -3,9 +3,10 @@
     python benchmarks/shapes_failures.py [--model DIR] [--prompts 90] [--images-per-prompt 2]
         [--seed 7] [--guidance G --top-k K --temperature T]
 
-Generates K images for each of N fresh captions (the tasks in turn, as `eval shapes`),
-with the model's saved sampling settings unless flags override them, judges each one
-and prints, per task, the accuracy and the kinds of miss among the rejected images
+Runs `eval shapes`' own benchmark (`quality.run_shapes`: K images for each of N fresh
+captions, the tasks in turn, with the model's saved sampling settings unless flags
+override them) keeping every rejection, and prints, per task, the accuracy and the
+kinds of miss among the rejected images
 (`evaluate.miss_kinds`: 'object count' for too many or too few objects, else the missed
 attributes 'colour', 'shape', 'size', 'cell', and 'relation'), then a few rejections.
 """
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter, defaultdict
-
-import numpy as np
 
 from dalle_mini_jax import evaluate, quality
 from dalle_mini_jax.cli import add_sampling_args
@@ -32,27 +31,23 @@ def main(argv=None) -> None:
     add_sampling_args(parser)
     args = parser.parse_args(argv)
     pipe = DalleMini.from_pretrained(args.model)
-    prompts = quality.shapes_prompts(args.prompts, seed=args.seed)
-    captions = [c for c, _ in prompts]
     k = args.images_per_prompt
-    images = pipe.generate(captions, num_images=k, seed=args.seed, **quality.sampling_from_args(args))
-    judged: dict[str, list[bool]] = defaultdict(list)
+    # `eval shapes`' own run, keeping every rejection (caption, reason).
+    report = quality.run_shapes(pipe, args.prompts, k, seed=args.seed,
+                                max_failures=args.prompts * k, **quality.sampling_from_args(args))
+    task_of = dict(quality.shapes_prompts(args.prompts, seed=args.seed))  # caption -> task
     kinds: dict[str, Counter] = defaultdict(Counter)
-    examples = []
-    for i, image in enumerate(images):
-        caption, task = prompts[i // k]
-        ok, _, reason = evaluate.judge_detailed(np.asarray(image), caption)
-        judged[task].append(ok)
-        if not ok:
-            kinds[task].update(evaluate.miss_kinds(reason))
-            if len(examples) < args.examples:
-                examples.append(f"  {task}: {caption} | {reason[:150]}")
-    print(f"{len(images)} images, seed {args.seed}, sampling {pipe.defaults.override(**quality.sampling_from_args(args)).to_dict()}")
-    for task, oks in judged.items():
+    for caption, reason in report.failures:
+        kinds[task_of[caption]].update(evaluate.miss_kinds(reason))
+    print(f"{report.counts['overall']} images, seed {args.seed}, sampling {report.settings}")
+    for task, score in report.scores.items():
+        if task == "overall":
+            continue
         misses = ", ".join(f"{name} {n}" for name, n in kinds[task].most_common())
-        print(f"{task:<18} {np.mean(oks):.3f} of {len(oks)}; misses: {misses or '-'}")
+        print(f"{task:<18} {score:.3f} of {report.counts[task]}; misses: {misses or '-'}")
     print("first rejections:")
-    print("\n".join(examples))
+    for caption, reason in report.failures[:args.examples]:
+        print(f"  {task_of[caption]}: {caption} | {reason[:150]}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from flax import nnx
 
 from dalle_mini_jax import shapes
 from dalle_mini_jax.vqgan import VQModel
-from dalle_mini_jax.vqgan_train import METRICS_NAME, reconstruction_metrics
+from dalle_mini_jax.vqgan_train import METRICS_NAME, metrics_of, reconstruct
 
 
 def _decode_ms_per_image(model: VQModel, codes: np.ndarray, batch: int = 16, runs: int = 5) -> float:
@@ -62,24 +62,21 @@ def _training_facts(model_dir: Path) -> dict:
             "train_cpu_seconds": last.get("cpu_seconds")}
 
 
-def failure_kinds(model: VQModel, images: np.ndarray, captions: list[str]) -> dict[str, int]:
-    """What the judge rejects in the reconstructions: counts per kind of miss
-    ('colour', 'shape', 'size', 'cell', 'object count', ...), and the first rejections."""
+def failure_kinds(recon: np.ndarray, captions: list[str]) -> dict:
+    """What the judge rejects in the reconstructions `recon` [N, 64, 64, 3]: counts per
+    kind of miss (`evaluate.miss_kinds`: 'colour', 'shape', 'size', 'cell', 'object
+    count', ...), and the first ten rejections."""
     from dalle_mini_jax import evaluate
-    from dalle_mini_jax.vqgan_train import reconstruct_batch
 
-    graphdef, params = nnx.split(model)
     kinds: Counter = Counter()
     examples = []
-    for i in range(0, len(images), 64):
-        recon, _ = reconstruct_batch(params, images[i:i + 64], graphdef=graphdef)
-        for image, caption in zip(np.asarray(recon), captions[i:i + 64]):
-            ok, _, reason = evaluate.judge_detailed(image, caption)
-            if ok:
-                continue
-            kinds.update(evaluate.miss_kinds(reason))
-            if len(examples) < 10:
-                examples.append(f"{caption} | {reason[:140]}")
+    for image, caption in zip(recon, captions):
+        ok, _, reason = evaluate.judge_detailed(image, caption)
+        if ok:
+            continue
+        kinds.update(evaluate.miss_kinds(reason))
+        if len(examples) < 10:
+            examples.append(f"{caption} | {reason[:140]}")
     return {"kinds": dict(kinds.most_common()), "examples": examples}
 
 
@@ -92,13 +89,13 @@ def benchmark(model_dir: str | Path, num: int = 1000, seed: int = 12345,
         raise ValueError(f"{model_dir} is a {model.config.resolution}px VQGAN; shapes are 64px")
     images, captions = shapes.generate_arrays(num, seed)
     t = time.perf_counter()
-    out = reconstruction_metrics(model, images, captions)
+    recon, codes = reconstruct(model, images)
+    out = metrics_of(images, recon, codes, model.config.codebook_size, captions)
     seconds = time.perf_counter() - t
     if failures:
-        out["failures"] = failure_kinds(model, images, captions)
+        out["failures"] = failure_kinds(recon, captions)
     params = model.released_params()
     n = int(sum(v.size for v in params.values()))
-    codes = np.asarray(nnx.jit(lambda m, x: m.encode(x))(model, images[:16] / 255.0))
     return {
         "model": str(model_dir), "num_images": num, "seed": seed, **out,
         "decode_ms_per_image": round(_decode_ms_per_image(model, codes), 2),

@@ -220,14 +220,10 @@ def vqgan_ceiling(vqgan_dir: str | Path, num_prompts: int = DEFAULT_PROMPTS,
     Returns:
       {task: accuracy}, then 'overall' (the mean over tasks).
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     from .vqgan import VQModel
-    from .vqgan_train import reconstruct_batch
+    from .vqgan_train import reconstruct
 
     model = VQModel.from_pretrained(vqgan_dir)
-    graphdef, params = nnx.split(model)
     prompts = shapes_prompts(num_prompts, seed)
     images, captions, tasks = [], [], []
     for k, (caption, task) in enumerate(prompts):
@@ -238,15 +234,8 @@ def vqgan_ceiling(vqgan_dir: str | Path, num_prompts: int = DEFAULT_PROMPTS,
             images.append(shapes.render(shapes.sample_scene(rng, spec)))
             captions.append(caption)
             tasks.append(task)
-    images = np.stack(images)
-    recon = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        pad = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), np.uint8)
-        r, _ = reconstruct_batch(params, jnp.asarray(np.concatenate([chunk, pad])),
-                                 graphdef=graphdef)
-        recon.append(np.asarray(r)[:len(chunk)])
-    scores, _, _ = score_images(np.concatenate(recon), captions, tasks)
+    recon, _ = reconstruct(model, np.stack(images), batch_size)
+    scores, _, _ = score_images(recon, captions, tasks)
     return scores
 
 

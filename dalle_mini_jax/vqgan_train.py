@@ -532,6 +532,23 @@ def psnr(images: np.ndarray, recon: np.ndarray) -> np.ndarray:
     return np.minimum(10 * np.log10(255.0**2 / np.maximum(err, 1e-12)), 99.0)
 
 
+def reconstruct(model: VQModel, images: np.ndarray, batch_size: int = 64
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """`reconstruct_batch` over N images: (uint8 [N, R, R, 3], int32 [N, S] codes).
+
+    `batch_size` images per jitted call; the last batch is padded, so one compile serves.
+    """
+    graphdef, params = nnx.split(model)
+    recons, codes = [], []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        pad = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), np.uint8)
+        r, c = reconstruct_batch(params, np.concatenate([chunk, pad]), graphdef=graphdef)
+        recons.append(np.asarray(r)[:len(chunk)])
+        codes.append(np.asarray(c)[:len(chunk)])
+    return np.concatenate(recons), np.concatenate(codes)
+
+
 def reconstruction_metrics(model: VQModel, images: np.ndarray, captions: list[str] | None,
                            batch_size: int = 64) -> dict[str, float]:
     """Held-out PSNR, codebook usage and (64x64 shapes captions) judge acceptance.
@@ -539,24 +556,20 @@ def reconstruction_metrics(model: VQModel, images: np.ndarray, captions: list[st
     Args:
       model: the VQGAN.
       images: uint8 [N, R, R, 3]; captions: N captions, or None.
-      batch_size: images per jitted call (the last batch is padded).
+      batch_size: images per jitted call (`reconstruct`).
 
     Returns:
-      psnr (mean dB), codebook_usage (fraction of codes used on these images),
-      perplexity (of the code histogram), and judge_accept when the captions are shapes
-      captions and R = 64.
+      `metrics_of` the reconstructions.
     """
-    graphdef, params = nnx.split(model)
-    codebook_size = model.config.codebook_size
-    recons, codes = [], []
-    n = len(images)
-    for i in range(0, n, batch_size):
-        chunk = images[i:i + batch_size]
-        pad = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), np.uint8)
-        r, c = reconstruct_batch(params, np.concatenate([chunk, pad]), graphdef=graphdef)
-        recons.append(np.asarray(r)[:len(chunk)])
-        codes.append(np.asarray(c)[:len(chunk)])
-    recon, codes = np.concatenate(recons), np.concatenate(codes)
+    recon, codes = reconstruct(model, images, batch_size)
+    return metrics_of(images, recon, codes, model.config.codebook_size, captions)
+
+
+def metrics_of(images: np.ndarray, recon: np.ndarray, codes: np.ndarray, codebook_size: int,
+               captions: list[str] | None) -> dict[str, float]:
+    """psnr (mean dB), codebook_usage (fraction of codes used on these images), perplexity
+    (of the code histogram), and judge_accept when the captions are shapes captions and
+    the images 64x64, of reconstructions `recon` [N, R, R, 3] with codes [N, S]."""
     counts = np.bincount(codes.reshape(-1), minlength=codebook_size)
     probs = counts / counts.sum()
     out = {
@@ -794,6 +807,6 @@ def main(argv=None) -> None:
 __all__ = [
     "VQGANTrainConfig", "tiny_config", "shapes_config", "load_config", "new_model", "TrainState",
     "make_optimizer", "learning_rate_at", "init_state", "train_step", "jitted_train_step", "BatchStream", "load_eval_images",
-    "reconstruct_batch", "psnr", "reconstruction_metrics", "train_vqgan",
+    "reconstruct_batch", "reconstruct", "psnr", "reconstruction_metrics", "metrics_of", "train_vqgan",
     "add_arguments", "config_from_args", "run", "main",
 ]
