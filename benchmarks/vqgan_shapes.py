@@ -9,6 +9,12 @@ seed 1) it reports, as one JSON line (also written to MODEL/../benchmark.json):
   psnr             mean per-image PSNR (dB) of the uint8 reconstructions
   codebook_usage   share of the codebook used to encode the N images
   perplexity       exp(entropy) of the code histogram
+  code_consistency share of the 8x8 patches whose code is the commonest code of patches
+                   with the same pixels: 1.0 when a code depends only on its own patch
+                   (what a transformer can learn compositionally), low when codes hash
+                   the whole image
+  background_codes, background_top_share   distinct codes over the all-black patches,
+                   and the share of the commonest (1 code and 1.0 for local codes)
   decode_ms_per_image   median wall time of a jitted batch-of-16 decode, per image
   params, fp32_mb  size of the model
   train_seconds, train_steps, train_cpu_seconds   from the work directory's metrics,
@@ -62,6 +68,26 @@ def _training_facts(model_dir: Path) -> dict:
             "train_cpu_seconds": last.get("cpu_seconds")}
 
 
+def code_locality(images: np.ndarray, codes: np.ndarray) -> dict:
+    """How far a code is a function of its own patch (module docstring: code_consistency,
+    background_codes, background_top_share). images uint8 [N, R, R, 3]; codes [N, g*g]."""
+    n, res = images.shape[:2]
+    g = int(round(codes.shape[1] ** 0.5))
+    f = res // g
+    patches = images.reshape(n, g, f, g, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n * g * g, -1)
+    flat_codes = codes.reshape(-1)
+    by_patch: dict[bytes, Counter] = {}
+    for patch, code in zip(patches, flat_codes):
+        by_patch.setdefault(patch.tobytes(), Counter())[int(code)] += 1
+    consistent = sum(c.most_common(1)[0][1] for c in by_patch.values())
+    black = Counter(flat_codes[patches.max(axis=1) == 0].tolist())
+    total_black = sum(black.values())
+    return {"code_consistency": round(consistent / len(flat_codes), 4),
+            "background_codes": len(black),
+            "background_top_share": round(black.most_common(1)[0][1] / total_black, 4)
+            if total_black else None}
+
+
 def failure_kinds(recon: np.ndarray, captions: list[str]) -> dict:
     """What the judge rejects in the reconstructions `recon` [N, 64, 64, 3]: counts per
     kind of miss (`evaluate.miss_kinds`: 'colour', 'shape', 'size', 'cell', 'object
@@ -91,6 +117,7 @@ def benchmark(model_dir: str | Path, num: int = 1000, seed: int = 12345,
     t = time.perf_counter()
     recon, codes = reconstruct(model, images)
     out = metrics_of(images, recon, codes, model.config.codebook_size, captions)
+    out.update(code_locality(images, codes))
     seconds = time.perf_counter() - t
     if failures:
         out["failures"] = failure_kinds(recon, captions)

@@ -298,6 +298,11 @@ class VQGANConfig:
     out_channels: int = 3
     norm_groups: int = 32  # GroupNorm groups
     norm_eps: float = 1e-6  # GroupNorm epsilon (min-dalle uses torch's 1e-5: see tests)
+    # Token-local codes (not a taming option; config.json key "local", written only when
+    # set): the norms keep their affine map but take no image statistics, and the encoder
+    # below the last downsampling is 1x1 (no mid attention), so a code depends only on its
+    # own ~46-pixel neighbourhood. vqgan.py says why.
+    local: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -306,6 +311,11 @@ class VQGANConfig:
             raise ConfigError(
                 f"resolution={self.resolution} is not divisible by the downsampling factor "
                 f"{self.downsample_factor} of channel_mult={self.channel_mult}"
+            )
+        if self.local and self.attn_resolutions:
+            raise ConfigError(
+                f"local=True with attn_resolutions={self.attn_resolutions}: attention in the "
+                "encoder would mix every position into every code; use attn_resolutions=()"
             )
         for c in [self.channels * m for m in self.channel_mult] + [self.channels]:
             if c % self.norm_groups:
@@ -349,6 +359,7 @@ class VQGANConfig:
             "give_pre_end": False,
             "norm_groups": self.norm_groups,
             "norm_eps": self.norm_eps,
+            **({"local": True} if self.local else {}),
         }
 
     @classmethod
@@ -369,6 +380,7 @@ class VQGANConfig:
             out_channels=d.pop("out_ch", cls.out_channels),
             norm_groups=d.pop("norm_groups", cls.norm_groups),
             norm_eps=d.pop("norm_eps", cls.norm_eps),
+            local=bool(d.pop("local", cls.local)),
         )
         _warn_unknown(d, _VQGAN_IGNORED, "VQGAN")
         return cls(**kwargs)

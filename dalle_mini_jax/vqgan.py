@@ -25,6 +25,18 @@ Attention placement follows taming (and min-dalle): `attn_j` runs right after
 upstream (patil-suraj/vqgan-jax#10) and the released weights were trained with the
 taming order.
 
+Token-local codes (`VQGANConfig.local`, ours, off for every released checkpoint). With
+GroupNorm statistics over the whole image and attention in the mid block, every code
+depends on everything drawn anywhere. On the shapes set that made the codes a hash of
+the whole image: in the second bundled model's VQGAN, the 105k all-black 8x8 patches of
+2,000 images took 782 different codes, the commonest only 0.4 % of them, so the
+transformer had to learn a code in which "a red circle in the top left" and "... in the
+bottom right" share nothing, patch by patch. In a local VQGAN the encoder's norms keep only their
+per-channel affine map (no statistics), and the encoder is 1x1 below its last
+downsampling (receptive field +-23 pixels), so equal neighbourhoods give equal codes. The
+decoder is the usual one, GroupNorm statistics, 3x3 convolutions and mid attention
+included: a code's meaning may use context, but it cannot carry it.
+
 Dropout is not implemented: the released config has dropout 0 and our config has no
 dropout field.
 """
@@ -115,6 +127,12 @@ class GroupNorm(nnx.Module):
 
     Statistics are computed in float32 whatever the compute dtype: bf16 means and
     variances over 65k positions lose too many bits.
+
+    `statistics=False` (`VQGANConfig.local`) keeps only the per-channel affine map: image
+    statistics would let what is drawn elsewhere shift every position, and per-position
+    statistics (a channels-last LayerNorm) blow up on the shapes set, where the features
+    of black pixels start as exact zeros (variance 0: the gradient is eps^-1/2 per layer,
+    and the first short run's gradient norm was inf from its first steps).
     """
 
     def __init__(
@@ -123,43 +141,61 @@ class GroupNorm(nnx.Module):
         *,
         groups: int,
         eps: float,
+        statistics: bool = True,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
     ):
         self.scale = param(jnp.ones((channels,), param_dtype), ("norm",))
         self.bias = param(jnp.zeros((channels,), param_dtype), ("norm",))
         self.groups = groups
+        self.statistics = statistics
         self.eps = eps
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] -> [B, H, W, C] in the compute dtype."""
         b, h, w, c = x.shape
-        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+        y = x.astype(jnp.float32)
+        if self.statistics:
+            y = self._normalize(y)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+    def _normalize(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        xg = x.reshape(b, h, w, self.groups, c // self.groups)
         mean = xg.mean(axis=(1, 2, 4), keepdims=True)
         # Two-pass variance (like torch), not E[x^2] - E[x]^2, which cancels badly.
         centred = xg - mean
         var = jnp.square(centred).mean(axis=(1, 2, 4), keepdims=True)
-        y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        return (centred * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+
+
+def make_norm(channels: int, config: VQGANConfig, *, statistics: bool = True,
+              dtype=jnp.float32, param_dtype=jnp.float32) -> GroupNorm:
+    """The model's norm layer: GroupNorm, or only its affine map (a local encoder's)."""
+    return GroupNorm(channels, groups=config.norm_groups, eps=config.norm_eps,
+                     statistics=statistics, dtype=dtype, param_dtype=param_dtype)
 
 
 class ResnetBlock(nnx.Module):
     """norm1 -> swish -> conv1 -> norm2 -> swish -> conv2, plus a (1x1) shortcut.
 
-    `nin_shortcut` exists only when the width changes, as in the released tree.
+    `nin_shortcut` exists only when the width changes, as in the released tree. `kernel`
+    is 3 except in a local encoder's blocks below full resolution (1); a
+    local encoder's norms take
+    no statistics (`statistics=False`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, config: VQGANConfig, *,
-                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, kernel: int = 3,
+                 statistics: bool = True):
         conv_kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        norm_kw = dict(groups=config.norm_groups, eps=config.norm_eps, dtype=dtype,
-                       param_dtype=param_dtype)
-        self.norm1 = GroupNorm(in_channels, **norm_kw)
-        self.conv1 = Conv(in_channels, out_channels, 3, **conv_kw)
-        self.norm2 = GroupNorm(out_channels, **norm_kw)
-        self.conv2 = Conv(out_channels, out_channels, 3, **conv_kw)
+        norm_kw = dict(statistics=statistics, dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = make_norm(in_channels, config, **norm_kw)
+        self.conv1 = Conv(in_channels, out_channels, kernel, **conv_kw)
+        self.norm2 = make_norm(out_channels, config, **norm_kw)
+        self.conv2 = Conv(out_channels, out_channels, kernel, **conv_kw)
         if in_channels != out_channels:
             self.nin_shortcut = Conv(in_channels, out_channels, 1, **conv_kw)
         else:
@@ -180,8 +216,7 @@ class AttnBlock(nnx.Module):
     def __init__(self, channels: int, config: VQGANConfig, *, rngs: nnx.Rngs,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         conv_kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.norm = GroupNorm(channels, groups=config.norm_groups, eps=config.norm_eps,
-                              dtype=dtype, param_dtype=param_dtype)
+        self.norm = make_norm(channels, config, dtype=dtype, param_dtype=param_dtype)
         self.q = Conv(channels, channels, 1, **conv_kw)
         self.k = Conv(channels, channels, 1, **conv_kw)
         self.v = Conv(channels, channels, 1, **conv_kw)
@@ -237,12 +272,14 @@ class _Level(nnx.Module):
     the released names.
     """
 
-    def _build_blocks(self, in_ch, out_ch, count, with_attn, config, kw):
+    def _build_blocks(self, in_ch, out_ch, count, with_attn, config, kw, kernel=3,
+                      statistics=True):
         self.num_blocks = count
         self.has_attn = with_attn
         for j in range(count):
             setattr(self, f"block_{j}", ResnetBlock(in_ch if j == 0 else out_ch, out_ch,
-                                                    config, **kw))
+                                                    config, kernel=kernel,
+                                                    statistics=statistics, **kw))
             if with_attn:
                 setattr(self, f"attn_{j}", AttnBlock(out_ch, config, **kw))
 
@@ -261,9 +298,11 @@ class DownBlock(_Level):
         in_ch = config.channels * ((1,) + config.channel_mult)[level]
         out_ch = config.channels * config.channel_mult[level]
         res = config.resolution // 2**level
-        self._build_blocks(in_ch, out_ch, config.num_res_blocks,
-                           res in config.attn_resolutions, config, kw)
         last = level == len(config.channel_mult) - 1
+        self._build_blocks(in_ch, out_ch, config.num_res_blocks,
+                           res in config.attn_resolutions, config, kw,
+                           kernel=1 if config.local and level > 0 else 3,
+                           statistics=not config.local)
         self.downsample = None if last else Downsample(out_ch, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -291,15 +330,21 @@ class UpBlock(_Level):
 
 
 class MidBlock(nnx.Module):
-    """block_1 -> attn_1 -> block_2 at the lowest resolution."""
+    """block_1 -> attn_1 -> block_2 at the lowest resolution.
 
-    def __init__(self, channels: int, config: VQGANConfig, **kw):
-        self.block_1 = ResnetBlock(channels, channels, config, **kw)
-        self.attn_1 = AttnBlock(channels, config, **kw)
-        self.block_2 = ResnetBlock(channels, channels, config, **kw)
+    `local=True` (a local encoder's): 1x1 blocks, norms without statistics and no
+    attention, so nothing mixes positions.
+    """
+
+    def __init__(self, channels: int, config: VQGANConfig, *, local: bool = False, **kw):
+        block_kw = dict(kernel=1 if local else 3, statistics=not local, **kw)
+        self.block_1 = ResnetBlock(channels, channels, config, **block_kw)
+        self.attn_1 = None if local else AttnBlock(channels, config, **kw)
+        self.block_2 = ResnetBlock(channels, channels, config, **block_kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.block_2(self.attn_1(self.block_1(x)))
+        x = self.block_1(x)
+        return self.block_2(x if self.attn_1 is None else self.attn_1(x))
 
 
 # --------------------------------------------------------------------------------------
@@ -324,10 +369,10 @@ class Encoder(nnx.Module):
         for i in range(self.num_levels):
             setattr(self, f"down_{i}", DownBlock(config, i, **kw))
         top = config.channels * config.channel_mult[-1]
-        self.mid = MidBlock(top, config, **kw)
-        self.norm_out = GroupNorm(top, groups=config.norm_groups, eps=config.norm_eps,
-                                  dtype=dtype, param_dtype=param_dtype)
-        self.conv_out = Conv(top, config.z_channels, 3, **kw)
+        self.mid = MidBlock(top, config, local=config.local, **kw)
+        self.norm_out = make_norm(top, config, statistics=not config.local, dtype=dtype,
+                                  param_dtype=param_dtype)
+        self.conv_out = Conv(top, config.z_channels, 1 if config.local else 3, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.conv_in(x)
@@ -354,8 +399,7 @@ class Decoder(nnx.Module):
         self.mid = MidBlock(top, config, **kw)
         for i in range(self.num_levels):
             setattr(self, f"up_{i}", UpBlock(config, i, **kw))
-        self.norm_out = GroupNorm(bottom, groups=config.norm_groups, eps=config.norm_eps,
-                                  dtype=dtype, param_dtype=param_dtype)
+        self.norm_out = make_norm(bottom, config, dtype=dtype, param_dtype=param_dtype)
         self.conv_out = Conv(bottom, config.out_channels, 3, **kw)
 
     def __call__(self, z: jax.Array) -> jax.Array:

@@ -120,6 +120,11 @@ class VQGANTrainConfig:
     init_codebook_from_data: bool = True  # step 0 sets every code to a latent of the first batch (not with init)
     restart_every: int = 50  # check for dead codes every N steps; 0 never restarts
     dead_threshold: float = 0.03  # dead: usage EMA below this fraction of the mean usage
+    # Which batch latents restarted codes are drawn from: "random" (uniform) or "error"
+    # (probability proportional to the squared distance to their nearest code, as k-means++
+    # seeds). Uniform draws put most restarts on the commonest latents (black background
+    # on shapes), where they split one well-served cluster by tiny differences of context.
+    restart_from: str = "random"
     shuffle_window: int = 1024  # examples read and shuffled together (per epoch, seeded)
     log_every: int = 50  # train metrics every N steps (averaged over them)
     eval_every: int = 500  # held-out eval every N steps (and at the end); 0: at the end only
@@ -130,6 +135,8 @@ class VQGANTrainConfig:
     def __post_init__(self):
         if self.codebook not in ("ema", "loss"):
             raise ValueError(f"codebook={self.codebook!r}: choose 'ema' or 'loss'")
+        if self.restart_from not in ("random", "error"):
+            raise ValueError(f"restart_from={self.restart_from!r}: choose 'random' or 'error'")
         if not 0.0 <= self.param_ema < 1.0:
             raise ValueError(f"param_ema must be in [0, 1), got {self.param_ema}")
         for name in ("num_steps", "batch_size", "eval_size", "shuffle_window", "log_every",
@@ -177,7 +184,8 @@ def tiny_config() -> VQGANTrainConfig:
 def shapes_config() -> VQGANTrainConfig:
     """The bundled shapes VQGAN: 20 minutes on a 2-core CPU (training/configs/vqgan_shapes.py)."""
     return VQGANTrainConfig(
-        model=VQGAN_PRESETS["shapes"], data="shapes", eval_data="shapes:256:1",
+        model=VQGAN_PRESETS["shapes"].replace(local=True), restart_from="error",
+        data="shapes", eval_data="shapes:256:1",
         batch_size=8, learning_rate=3e-3, warmup_steps=50, num_steps=100_000,
         # 19 minutes: the final eval and the export fit in the 20th.
         time_budget_s=1140, l1_weight=0.0, l2_weight=1.0, l2_normalize=False,
@@ -372,8 +380,12 @@ def train_step(state: TrainState, images: jax.Array, learning_rate: jax.Array, *
     if cfg.init_codebook_from_data:
         # `usage` is all zeros only for a fresh model before its first step.
         dead = dead | ((state.step == 0) & jnp.all(state.usage == 0))
-    # Distinct latents for the restarted codes (with replacement only if K > B*h*w).
-    if flat.shape[0] >= k:
+    if cfg.restart_from == "error":
+        # k-means++ seeding: latents far from every code are where new codes help; a tiny
+        # floor keeps the draw defined when every latent sits on its code.
+        err = jnp.sum(jnp.square(flat - old.astype(jnp.float32)[idx]), axis=1) + 1e-12
+        pick = jax.random.choice(restart_rng, flat.shape[0], (k,), p=err / jnp.sum(err))
+    elif flat.shape[0] >= k:  # distinct latents (with replacement only if K > B*h*w)
         pick = jax.random.permutation(restart_rng, flat.shape[0])[:k]
     else:
         pick = jax.random.randint(restart_rng, (k,), 0, flat.shape[0])

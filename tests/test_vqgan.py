@@ -310,3 +310,38 @@ def test_a_few_train_steps_lower_the_reconstruction_loss():
     losses = [float(step(model, optimizer)) for _ in range(12)]
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_local_encoder_codes_depend_only_on_their_neighbourhood(tmp_path):
+    """`VQGANConfig.local`: a latent does not move when something is drawn 20+ pixels away
+    (with the taming encoder it does: GroupNorm statistics and mid attention are global),
+    the config says so in config.json, and the model round-trips by name."""
+    from dalle_mini_jax import shapes
+
+    near = shapes.render(shapes.Scene((shapes.SceneObject("red", "circle", "large", (0, 0)),)))
+    both = shapes.render(shapes.Scene((shapes.SceneObject("red", "circle", "large", (0, 0)),
+                                       shapes.SceneObject("blue", "cross", "large", (2, 2)))))
+    images = jnp.asarray(np.stack([near, both]), jnp.float32) / 255.0
+    latents = nnx.jit(lambda m, x: m.encode_latents(x))
+    moved = {}
+    for local in (False, True):
+        model = VQModel(VQGAN_PRESETS["shapes"].replace(local=local), rngs=nnx.Rngs(0))
+        z = np.asarray(latents(model, images))
+        # Tokens of rows/cols 0-2 cover pixels 0-23; the cross starts at pixel 44.
+        moved[local] = float(np.abs(z[0, :3, :3] - z[1, :3, :3]).max())
+    assert moved[True] == 0.0
+    assert moved[False] > 1e-3
+
+    config = VQGAN_PRESETS["shapes"].replace(local=True)
+    assert config.to_released_dict()["local"] is True
+    assert "local" not in VQGAN_PRESETS["shapes"].to_released_dict()  # released files unchanged
+    assert VQGANConfig.from_released_dict(config.to_released_dict()) == config
+    model = VQModel(config, rngs=nnx.Rngs(1))
+    assert not any("encoder/mid/attn_1" in name for name in model.released_params())
+    model.save_pretrained(tmp_path)
+    loaded = VQModel.from_pretrained(tmp_path)
+    assert loaded.config.local
+    np.testing.assert_array_equal(np.asarray(latents(loaded, images)),
+                                  np.asarray(latents(model, images)))
+    with pytest.raises(ValueError, match="attn_resolutions"):
+        VQGAN_PRESETS["tiny"].replace(local=True)

@@ -127,6 +127,34 @@ def test_dead_codes_are_restarted_from_batch_latents():
     assert nearest.max() < 1e-4
 
 
+def test_error_weighted_restarts_skip_latents_their_codes_already_serve():
+    """restart_from='error': dead codes restart on latents far from every code (k-means++
+    seeding), never on latents that sit exactly on a code."""
+    cfg = _cfg(restart_from="error")
+    model = vt.new_model(cfg.model, 0)
+    graphdef, state = vt.init_state(model, cfg, vt.make_optimizer(cfg.step_config()),
+                                    fresh=False)
+    images = np.random.default_rng(2).integers(0, 256, (cfg.batch_size, 16, 16, 3), np.uint8)
+    z = nnx.jit(lambda m, x: m.encode_latents(x))(nnx.merge(graphdef, state.params),
+                                                   images / 255.0)
+    z = np.asarray(z).reshape(-1, cfg.model.embed_dim)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)  # l2 mode: latents and codes unit-norm
+    k, served = cfg.model.codebook_size, 16
+    # Codes 0-15 sit on latents 0-15 (distance 0) and are well used; codes 16-31 are dead.
+    codebook = np.asarray(state.params["quantize"]["embedding"]["embedding"][...]).copy()
+    codebook[:served] = z[:served]
+    params = vt._set_codebook(graphdef, state.params, jnp.asarray(codebook))
+    usage = np.where(np.arange(k) < served, 10.0, 0.0).astype(np.float32)
+    state = state.replace(params=params, usage=jnp.asarray(usage),
+                          code_sum=jnp.asarray(codebook * usage[:, None]))
+    new, metrics = _step_once(cfg, state, graphdef, images)
+    after = np.asarray(new.params["quantize"]["embedding"]["embedding"][...])
+    assert int(metrics["restarted"]) == k - served
+    distance = np.abs(after[served:, None, :] - z[None]).max(-1)  # [dead, latents]
+    assert distance.min(1).max() < 1e-4  # each restarted code is a latent of the batch
+    assert (distance.argmin(1) >= served).all()  # ... and not one a code already served
+
+
 def test_fresh_model_takes_its_codebook_from_the_first_batch():
     cfg = _cfg()
     model = vt.new_model(cfg.model, 0)

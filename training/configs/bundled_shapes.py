@@ -24,9 +24,10 @@ and examples seen buy a lot:
   with 1,024 image codes, 7.6 MB in float32): the encoder only has to bind colour/size/shape/position words
   (captions are at most 27 tokens), the decoder has to lay out 64 codes consistently;
 - learned row and column tables for the image tokens on top of the 1-D position table
-  (`image_pos_2d`): the first shipped model (1-D positions only) ignored position words
-  (position task 0.20, about chance) although 42 % of the captions name a cell; with the
-  tables, "the top left" meets the same row/column vectors in every cell it covers;
+  (`image_pos_2d`): added when the first shipped model ignored position words (0.20,
+  about chance). They did not fix that (second model: 0.19); the VQGAN's codes did: with
+  token-local codes (vqgan_shapes.py) the third model scores 0.87 on position. The
+  tables cost 2 x 8 x 128 parameters and stay;
 - a BPE of at most 512 ids trained on the normalized captions (367 come out: the merges
   stop once every grammar word is one token), so the longest caption (27 tokens, BOS and
   EOS included) fits text_len=32;
@@ -37,8 +38,8 @@ and examples seen buy a lot:
 - the data are read once per epoch in a seeded order: 7,000 steps of 32 read the 60k
   encoded examples 3.7 times. Measured on the 2-core CPU with nothing else running:
   70 examples/s (2.2 steps/s), so 7,000 steps take ~54 minutes plus compilation and
-  export; the shipped model is this run (BUNDLED.md: overall 0.310; 54.8 min at 66-72
-  examples/s). On a slower CPU
+  export; the shipped model is this run over the local-code VQGAN (BUNDLED.md: overall
+  0.388; 53.6 min in all, ~70 examples/s). On a slower CPU
   pass --steps so that the run fits your budget (the rate is in metrics.jsonl).
 """
 
@@ -123,7 +124,7 @@ def ship(model_dir: str, dest: str | None = None) -> Path:
     """Copy an exported model directory into the package (dalle_mini_jax/bundled/model).
 
     The whole directory (transformer + tokenizer + VQGAN in vqgan/) must stay under the
-    25 MB the package allows; at this size float32 weights fit (7.6 MB + the 3.1 MB VQGAN).
+    25 MB the package allows; at this size float32 weights fit (7.6 MB + the 2.1 MB VQGAN).
     """
     import shutil
 
