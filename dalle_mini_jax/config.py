@@ -299,9 +299,9 @@ class VQGANConfig:
     norm_groups: int = 32  # GroupNorm groups
     norm_eps: float = 1e-6  # GroupNorm epsilon (min-dalle uses torch's 1e-5: see tests)
     # Token-local codes (not a taming option; config.json key "local", written only when
-    # set): the norms keep their affine map but take no image statistics, and the encoder
-    # below the last downsampling is 1x1 (no mid attention), so a code depends only on its
-    # own ~46-pixel neighbourhood. vqgan.py says why.
+    # set): the encoder's norms keep their affine map but take no image statistics, and
+    # the encoder is 1x1 below full resolution with no mid attention, so a code depends
+    # only on its own patch and a few pixels around it. vqgan.py says why.
     local: bool = False
 
     def __post_init__(self):

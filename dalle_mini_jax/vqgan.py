@@ -31,11 +31,12 @@ depends on everything drawn anywhere. On the shapes set that made the codes a ha
 the whole image: in the second bundled model's VQGAN, the 105k all-black 8x8 patches of
 2,000 images took 782 different codes, the commonest only 0.4 % of them, so the
 transformer had to learn a code in which "a red circle in the top left" and "... in the
-bottom right" share nothing, patch by patch. In a local VQGAN the encoder's norms keep only their
-per-channel affine map (no statistics), and the encoder is 1x1 below its last
-downsampling (receptive field +-23 pixels), so equal neighbourhoods give equal codes. The
-decoder is the usual one, GroupNorm statistics, 3x3 convolutions and mid attention
-included: a code's meaning may use context, but it cannot carry it.
+bottom right" share nothing, patch by patch. In a local VQGAN the encoder's norms keep
+only their per-channel affine map (no statistics), and the encoder is 1x1 below full
+resolution with no mid attention: a code sees its own f x f patch, 3 pixels before it
+and 10 after (f8; the stride-2 convolutions overlap), so equal neighbourhoods give equal
+codes. The decoder is the usual one, GroupNorm statistics, 3x3 convolutions and mid
+attention included: a code's meaning may use context, but it cannot carry it.
 
 Dropout is not implemented: the released config has dropout 0 and our config has no
 dropout field.
@@ -181,10 +182,9 @@ def make_norm(channels: int, config: VQGANConfig, *, statistics: bool = True,
 class ResnetBlock(nnx.Module):
     """norm1 -> swish -> conv1 -> norm2 -> swish -> conv2, plus a (1x1) shortcut.
 
-    `nin_shortcut` exists only when the width changes, as in the released tree. `kernel`
-    is 3 except in a local encoder's blocks below full resolution (1); a
-    local encoder's norms take
-    no statistics (`statistics=False`).
+    `nin_shortcut` exists only when the width changes, as in the released tree. In a
+    local encoder (`VQGANConfig.local`) the blocks below full resolution are 1x1
+    (`kernel=1`) and every norm takes no statistics (`statistics=False`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, config: VQGANConfig, *,

@@ -186,7 +186,7 @@ def shapes_config() -> VQGANTrainConfig:
     return VQGANTrainConfig(
         model=VQGAN_PRESETS["shapes"].replace(local=True), restart_from="error",
         data="shapes", eval_data="shapes:256:1",
-        batch_size=8, learning_rate=3e-3, warmup_steps=50, num_steps=100_000,
+        batch_size=8, learning_rate=1.5e-3, warmup_steps=50, num_steps=100_000,
         # 19 minutes: the final eval and the export fit in the 20th.
         time_budget_s=1140, l1_weight=0.0, l2_weight=1.0, l2_normalize=False,
         param_ema=0.998, eval_every=500, checkpoint_every=500)
