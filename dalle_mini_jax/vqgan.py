@@ -155,7 +155,6 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] -> [B, H, W, C] in the compute dtype."""
-        b, h, w, c = x.shape
         y = x.astype(jnp.float32)
         if self.statistics:
             y = self._normalize(y)
