@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     tokenizer = TextTokenizer.from_pretrained(args.model_dir, text_len=config.text_len,
                                               normalize=config.normalize_text)
     pipe = pl.DalleMini(model, vqgan, tokenizer, name=args.model_dir.name, release_stacked=True)
-    report("decoder split per layer")
+    report("layers split (enc + dec)")
     pl._return_free_memory()
     report("trimmed")
     for i in (1, 2):

@@ -13,8 +13,9 @@ defaults (guidance 10, top-k 50).
 
 Memory. Weights are read tensor by tensor in the requested dtype (a bf16 load never
 holds an fp32 copy); only the VQGAN's decoder half (codebook, post_quant_conv, decoder)
-is kept; the decoder layers are handed to the sampler as per-layer buffers rather than
-held twice; VQGAN decoding runs one image at a time so its activations do not grow
+is kept; the encoder and decoder layers are handed to the sampler as per-layer buffers
+rather than held twice (and, in bf16, so that XLA:CPU makes no float32 copy of a stack:
+`DalleBart.encode`, `transformer._dense`); VQGAN decoding runs one image at a time so its activations do not grow
 with the batch.
 """
 

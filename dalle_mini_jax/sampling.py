@@ -292,6 +292,7 @@ def start_state(
     attention_mask: jax.Array,
     rows: jax.Array,
     uncond_row: jax.Array | None,
+    enc_layers: list[Any] | None = None,
 ) -> DecodeState:
     """Encode the distinct prompts once and build the decode state for the image rows.
 
@@ -301,12 +302,14 @@ def start_state(
         unconditional prompt as one more row).
       rows: [B] int, which of the P text rows each image uses.
       uncond_row: scalar int index of the unconditional text row, or None (unguided).
+      enc_layers: the encoder layers as separate buffers (`split_encoder_layers`), or
+        None for the model's stacked ones.
 
     Returns:
       DecodeState with 2B rows (guided) or B rows.
     """
     cfg = model.config
-    enc = model.encode(input_ids, attention_mask)
+    enc = model.encode(input_ids, attention_mask, layers=enc_layers)
     # Cross K/V once per distinct prompt, gathered to the rows afterwards: a 3x3 grid of
     # one prompt computes them for 2 text rows, not 18.
     small = model.init_cache(enc, attention_mask)
@@ -386,32 +389,31 @@ def _unstack(x: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(x[l] for l in range(x.shape[0]))
 
 
-def split_decoder_layers(model: DalleBart, release_stacked: bool = False) -> list[dict]:
-    """The decoder layers' per-step weights as L separate pytrees of separate buffers.
+def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
+                 release_stacked: bool = False) -> list[dict]:
+    """A stack of layers' weights as L separate pytrees of separate buffers.
 
     Args:
-      model: a DalleBart whose stacked [L, ...] decoder weights may be sharded; each
-        per-layer array keeps the sharding of its stack minus the layer axis.
+      stack: a `Layers` module whose params are stacked [L, ...] (and may be sharded;
+        each per-layer array keeps the sharding of its stack minus the layer axis).
+      num_layers: L.
+      skip: param paths ("cross_attn/k") left out.
       release_stacked: free each stacked array once it is split (so the weights are
-        held once), replacing it in the model by an empty placeholder. The model can
-        then still `encode`, `init_cache` and `decode_step(..., layers=...)`, but not
-        run its full-sequence `decode`: only for a model owned by a pipeline.
+        held once), replacing it in the module by an empty placeholder.
 
     Returns:
-      [L] nested dicts like `_values(model.dec_layers)` without the layer axis and
-      without the cross-attention k/v kernels.
+      [L] nested dicts like `_values(stack)` without the layer axis and without `skip`.
     """
-    L = model.config.num_decoder_layers
-    per_layer: list[dict] = [{} for _ in range(L)]
-    for path, var in nnx.iter_graph(model.dec_layers):
+    per_layer: list[dict] = [{} for _ in range(num_layers)]
+    for path, var in nnx.iter_graph(stack):
         if not isinstance(var, nnx.Param):
             continue
         key = "/".join(str(k) for k in path)
-        if key in _NOT_PER_STEP:
+        if key in skip:
             continue
         x = var[...]
         parts = _unstack(x)  # each part keeps the stack's sharding minus the layer axis
-        for l in range(L):
+        for l in range(num_layers):
             node = per_layer[l]
             *parents, leaf = key.split("/")
             for k in parents:
@@ -426,13 +428,36 @@ def split_decoder_layers(model: DalleBart, release_stacked: bool = False) -> lis
     return per_layer
 
 
+def split_decoder_layers(model: DalleBart, release_stacked: bool = False) -> list[dict]:
+    """The decoder layers' per-step weights as L separate pytrees of separate buffers.
+
+    Args:
+      model: a DalleBart.
+      release_stacked: free the stacked weights once split (`split_layers`). The model
+        can then still `encode`, `init_cache` and `decode_step(..., layers=...)`, but not
+        run its full-sequence `decode`: only for a model owned by a pipeline.
+
+    Returns:
+      [L] nested dicts like `_values(model.dec_layers)` without the layer axis and
+      without the cross-attention k/v kernels.
+    """
+    return split_layers(model.dec_layers, model.config.num_decoder_layers, _NOT_PER_STEP,
+                        release_stacked)
+
+
+def split_encoder_layers(model: DalleBart, release_stacked: bool = False) -> list[dict]:
+    """The encoder layers as L separate pytrees (`DalleBart.encode(..., layers=)` says
+    why). With `release_stacked` the model can only `encode(..., layers=...)` after."""
+    return split_layers(model.enc_layers, model.config.num_encoder_layers, (), release_stacked)
+
+
 # Module-level jitted functions with the model's graphdef (and the mesh, which tracing
 # reads through `activate`) as static arguments: two samplers of the same architecture
 # share their compilations.
-def _start_impl(graphdef, mesh, params, input_ids, attention_mask, rows, uncond_row):
+def _start_impl(graphdef, mesh, params, enc_layers, input_ids, attention_mask, rows, uncond_row):
     TRACE_COUNTS["start"] += 1
     model = nnx.merge(graphdef, params)
-    return start_state(model, input_ids, attention_mask, rows, uncond_row)
+    return start_state(model, input_ids, attention_mask, rows, uncond_row, enc_layers)
 
 
 def _run_impl(graphdef, mesh, params, layers, state, keys, begin, end, temperature, guidance, top_p, top_k):
@@ -451,28 +476,30 @@ class TokenSampler:
     The model's parameters are passed to the compiled functions as arguments (not
     baked in as constants), and the decode state is donated, so each chunk updates
     the KV cache in place. The decoder layers are passed as separate per-layer
-    buffers (`split_decoder_layers`). Calls with the same shapes and the same static
+    buffers (`split_decoder_layers`), and so are the encoder layers
+    (`split_encoder_layers`). Calls with the same shapes and the same static
     settings (top_k, whether guided, whether top-p) never retrace; see `TRACE_COUNTS`.
 
     Args:
       model: a DalleBart (parameters already sharded if `mesh` is given).
       mesh: the mesh its parameters live on, or None. Tracing happens inside
         `sharding.activate(mesh)` so activations follow the rule table.
-      release_stacked: hand the stacked decoder weights over to the sampler instead of
-        holding them twice (see `split_decoder_layers`); for a model the caller owns.
+      release_stacked: hand the stacked encoder and decoder weights over to the sampler
+        instead of holding them twice (see `split_layers`); for a model the caller owns.
     """
 
     def __init__(self, model: DalleBart, mesh=None, release_stacked: bool = False):
         self.config = model.config
         self.mesh = mesh
         self._layers = split_decoder_layers(model, release_stacked=release_stacked)
+        self._enc_layers = split_encoder_layers(model, release_stacked=release_stacked)
         self._graphdef, self._params = nnx.split(model)
 
     def start(self, input_ids, attention_mask, rows, uncond_row: int | None) -> DecodeState:
         """See `start_state`; inputs are host arrays."""
         with activate(self.mesh):
             return _jit_start(
-                self._graphdef, self.mesh, self._params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+                self._graphdef, self.mesh, self._params, self._enc_layers, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
                 jnp.asarray(rows, jnp.int32), None if uncond_row is None else jnp.int32(uncond_row),
             )
 

@@ -141,16 +141,29 @@ def _values(module: nnx.Module | None) -> Any:
 # --------------------------------------------------------------------------------------
 
 
+def _dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, x, w) in x's dtype, accumulated in float32.
+
+    Why float32 accumulation: with bfloat16 weights and activations, a bf16-output dot
+    is one XLA:CPU cannot run natively; it widens both operands to float32, and inside
+    the decode loop the widened weights are loop-invariant, so XLA hoists them out: a
+    full float32 copy of the decoder lived through every generation (measured: bf16
+    peak RSS 2.3 GB for DALL-E Mini, the fp32 figure). A bf16 x bf16 -> f32 dot runs as
+    it is. For float32 weights nothing changes.
+    """
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _proj(x: jax.Array, w: jax.Array, H: int) -> jax.Array:
     """[B, N, D] @ [D, H*K] -> [B, N, H, K]."""
-    y = jnp.einsum("bnd,de->bne", x, w.astype(x.dtype))
+    y = _dense("bnd,de->bne", x, w)
     return y.reshape(y.shape[:-1] + (H, -1))
 
 
 def _merge(x: jax.Array, w: jax.Array) -> jax.Array:
     """[B, N, H, K] -> [B, N, H*K] @ [H*K, D]."""
     x = x.reshape(x.shape[:-2] + (-1,))
-    return jnp.einsum("bne,ed->bnd", x, w.astype(x.dtype))
+    return _dense("bne,ed->bnd", x, w)
 
 
 def _post(p: dict, name: str, x: jax.Array, eps: float) -> jax.Array:
@@ -161,12 +174,12 @@ def _mlp(cfg: DalleBartConfig, p: dict, x: jax.Array) -> jax.Array:
     """GLU / FFN block on [B, N, D] (its own pre-norm included)."""
     act = _ACT[cfg.activation]
     h = layer_norm(x, p["pre"], cfg.layer_norm_eps)
-    g = act(jnp.einsum("bnd,df->bnf", h, p["wi_gate"].astype(h.dtype)))
+    g = act(_dense("bnd,df->bnf", h, p["wi_gate"]))
     if p.get("wi_value") is not None:
-        g = g * jnp.einsum("bnd,df->bnf", h, p["wi_value"].astype(h.dtype))
+        g = g * _dense("bnd,df->bnf", h, p["wi_value"])
     g = constrain(g, ("act_batch", "act_len", "act_mlp"))
     g = _post(p, "mid", g, cfg.layer_norm_eps)
-    return jnp.einsum("bnf,fd->bnd", g, p["wo"].astype(g.dtype))
+    return _dense("bnf,fd->bnd", g, p["wo"])
 
 
 def _encoder_layer(cfg: DalleBartConfig, p: dict, h: jax.Array, mask: jax.Array) -> jax.Array:
@@ -201,14 +214,28 @@ def _decoder_layer(
     return constrain(h, ("act_batch", "act_len", "act_embed"))
 
 
+def _rows(table: jax.Array, idx: jax.Array) -> jax.Array:
+    """table[idx] as float32, reading only the rows asked for.
+
+    Why the bit-level gather: XLA:CPU widens a bf16/f16 gather's whole table to float32
+    (moving the convert above the gather), and in the decode loop that copy is
+    loop-invariant, so it is hoisted and kept: 134 MB for DALL-E Mini's token table. A
+    gather of 16-bit integers is never widened; the rows are reinterpreted after it.
+    """
+    if table.dtype.itemsize == 2 and jnp.issubdtype(table.dtype, jnp.floating):
+        bits = jax.lax.bitcast_convert_type(table, jnp.uint16)[idx]
+        return jax.lax.bitcast_convert_type(bits, table.dtype).astype(jnp.float32)
+    return table[idx].astype(jnp.float32)
+
+
 def _embed(cfg: DalleBartConfig, e: dict, ids: jax.Array, positions: jax.Array, dtype) -> jax.Array:
-    h = e["tokens"].astype(dtype)[ids] + e["positions"].astype(dtype)[positions]
+    h = _rows(e["tokens"], ids) + _rows(e["positions"], positions)
     if e.get("rows") is not None:
         # Decoder position p holds token p-1 and predicts token p: the row and column
         # are those of the token being predicted.
         g = cfg.image_grid
-        h = h + e["rows"].astype(dtype)[positions // g] + e["cols"].astype(dtype)[positions % g]
-    h = layer_norm(h, e["norm"], cfg.layer_norm_eps)
+        h = h + _rows(e["rows"], positions // g) + _rows(e["cols"], positions % g)
+    h = layer_norm(h, e["norm"], cfg.layer_norm_eps).astype(dtype)
     return constrain(h, ("act_batch", "act_len", "act_embed"))
 
 
@@ -281,13 +308,27 @@ class DalleBart(nnx.Module):
         enc = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, enc, attention_mask)
 
-    def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """[B, T] ids, [B, T] mask -> encoder output [B, T, D] (compute dtype)."""
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
+               layers: list[Any] | None = None) -> jax.Array:
+        """[B, T] ids, [B, T] mask -> encoder output [B, T, D] (compute dtype).
+
+        Args:
+          layers: optional, the encoder layer weights as L separate pytrees (each like
+            `self.enc_layers` without its [L] axis), run one after the other instead of
+            a `lax.scan` over the stacked weights. Same output. Why the sampler passes
+            them: XLA:CPU widens a bf16 `dynamic-slice` to float32 and hoists the
+            widening out of the scan, so a scan over bf16 weights holds a float32 copy
+            of the whole encoder while it runs (645 MB for DALL-E Mini).
+        """
         cfg = self.config
         self._check_text(input_ids, attention_mask)
         T = input_ids.shape[1]
         h = _embed(cfg, _values(self.enc_embed), input_ids, jnp.arange(T), self.dtype)
         mask = padding_mask(attention_mask)
+        if layers is not None:
+            for p in layers:
+                h = _encoder_layer(cfg, p, h, mask)
+            return self._final(h, self.enc_final)
 
         def body(h, p):
             return _encoder_layer(cfg, p, h, mask), None
@@ -327,8 +368,8 @@ class DalleBart(nnx.Module):
         B, T, _ = enc.shape
         L, H, K, S = cfg.num_decoder_layers, cfg.num_heads, cfg.head_dim, cfg.image_len
         cross = _values(self.dec_layers)["cross_attn"]
-        ck = jnp.einsum("btd,lde->lbte", enc, cross["k"].astype(enc.dtype)).reshape(L, B, T, H, K)
-        cv = jnp.einsum("btd,lde->lbte", enc, cross["v"].astype(enc.dtype)).reshape(L, B, T, H, K)
+        ck = _dense("btd,lde->lbte", enc, cross["k"]).reshape(L, B, T, H, K)
+        cv = _dense("btd,lde->lbte", enc, cross["v"]).reshape(L, B, T, H, K)
         zeros = jnp.zeros((L, B, S, H, K), self.dtype)
         names = (None, "act_batch", "act_len", "act_heads", "act_kv")
         return DecodeCache(

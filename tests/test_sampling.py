@@ -1,6 +1,7 @@
 """Sampler maths on known logits, and the decode loop's compile and sharding behaviour."""
 
 import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -248,5 +249,37 @@ def test_release_stacked_frees_the_stacked_decoder(tiny):
     ref = _sample(sampling.TokenSampler(model), ids, mask, rows, keys, settings)
     sampler = sampling.TokenSampler(model, release_stacked=True)
     assert model.dec_layers.mlp.wi_gate[...].size == 0
+    assert model.enc_layers.mlp.wi_gate[...].size == 0  # the encoder runs from its split too
     assert model.dec_layers.cross_attn.k[...].size > 0  # still needed by init_cache
     np.testing.assert_array_equal(_sample(sampler, ids, mask, rows, keys, settings), ref)
+
+
+def test_bfloat16_sampling_holds_no_float32_copy_of_a_weight(tiny):
+    """XLA:CPU widens bf16 gathers, dynamic-slices and bf16-output dots to float32, and
+    hoists the widened weights out of loops (the decode loop, the encoder's scan), which
+    held a float32 copy of DALL-E Mini's weights through every bf16 generation. Neither
+    compiled function may hold a float32 array shaped like a weight."""
+    _, _, ids, mask = tiny
+    # Sizes no activation has, so a float32 array of a weight's shape is a weight copy.
+    cfg = TRANSFORMER_PRESETS["tiny"].replace(embed_dim=40, num_heads=4, mlp_dim=72)
+    model = nnx.jit(lambda: DalleBart(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                      param_dtype=jnp.bfloat16))()
+    shapes = {x.shape for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2}
+    shapes |= {s[1:] for s in shapes if len(s) == 3}  # per-layer slices of the stacks
+    # The encoder reads every row of its position table: those rows, widened, are an
+    # activation [T, D], not a copy.
+    shapes -= {(cfg.text_len, cfg.embed_dim)}
+    sampler = sampling.TokenSampler(model, release_stacked=True)
+    settings = SamplingSettings(top_k=10, guidance=5.0)
+    rows, uncond = jnp.array([0, 1], jnp.int32), jnp.int32(2)
+    start_args = (sampler._graphdef, None, sampler._params, sampler._enc_layers,
+                  jnp.asarray(ids), jnp.asarray(mask), rows, uncond)
+    state = sampling._jit_start(*start_args)
+    keys = image_keys(1, ["a", "b"], [0, 0])
+    run_args = (sampler._graphdef, None, sampler._params, sampler._layers, state, keys,
+                jnp.int32(0), jnp.int32(4), jnp.float32(1.0), jnp.float32(5.0), None)
+    for name, fn, args, kw in (("start", sampling._jit_start, start_args, {}),
+                               ("run", sampling._jit_run, run_args, {"top_k": 10})):
+        hlo = fn.lower(*args, **kw).compile().as_text()
+        f32 = {tuple(int(d) for d in m.split(",")) for m in re.findall(r"f32\[(\d+(?:,\d+)+)\]", hlo)}
+        assert not f32 & shapes, f"{name} holds float32 weight copies: {sorted(f32 & shapes)}"
