@@ -155,6 +155,21 @@ def test_error_weighted_restarts_skip_latents_their_codes_already_serve():
     assert (distance.argmin(1) >= served).all()  # ... and not one a code already served
 
 
+def test_edge_error_weights_isolated_errors_and_ignores_flat_offsets():
+    """`edge_weight`'s term: an error at one interior pixel costs twice its L2 mean (it
+    differs from four neighbours); an offset shared by the whole image costs nothing."""
+    x = jnp.zeros((1, 6, 6, 3))
+    e = 0.5
+    one = x.at[0, 2, 3, 1].set(e)
+    l2 = float(jnp.mean(jnp.square(one - x)))
+    np.testing.assert_allclose(float(vt._edge_error(one, x)), 2 * e * e / (5 * 6 * 3), rtol=1e-6)
+    # both means are over ~the same number of entries: about 2x the L2 term
+    assert 1.9 < float(vt._edge_error(one, x)) / l2 < 2.5
+    assert float(vt._edge_error(x + 0.3, x)) == 0.0
+    with pytest.raises(ValueError):
+        vt.VQGANTrainConfig(edge_weight=-1.0)
+
+
 def test_fresh_model_takes_its_codebook_from_the_first_batch():
     cfg = _cfg()
     model = vt.new_model(cfg.model, 0)

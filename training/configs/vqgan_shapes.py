@@ -45,6 +45,19 @@ held-out images, seed 12345), 20-minute runs on the shared 2-core CPU:
   rejections: object count 7, shape 3, colour 1), code consistency 0.70, the commonest
   code takes 69 % of the all-black patches (runs/vqgan_local_lr15). The best so far, one
   image short of the target;
+- the same with `edge_weight=1.0` (vqgan_train.py: the squared error of neighbouring-pixel
+  differences, which weights an isolated wrong pixel up, e.g. one lit inside the 1-pixel
+  gap between two large objects in neighbouring cells), 2026-11-22 03:22-03:42 on the idle
+  machine: 8,300 steps, PSNR **38.7 dB** (+1.8), code consistency 0.63, but judge acceptance
+  98.3 % (17 rejections: colour 8, object count 6, shape 3; runs/vqgan_local_edge). The
+  object-count rejections are the very images the 98.9 % run rejects too (two large
+  objects 1 pixel apart reconstructed joined: "a purple circle and a red cross" -> one
+  object of extent 37), and the extra colour misses are orange read as yellow (the
+  closest pair in the palette). Off by default: sharper edges, not more accepted images.
+  What bounds these runs: a code is one of 1,024 for an 8x8 patch; a patch that holds
+  the edges of two objects of different colours with a 1-pixel gap between them is a
+  rare combination the codebook does not keep apart, and the same held-out images fail
+  in every run;
 - the same with learning_rate=1e-3 (02:40-02:59): 8,100 steps, PSNR 35.7 dB, 98.1 % (the
   raw parameters won the in-run eval with 99.2 % of 256 images), consistency 0.55
   (runs/vqgan_local_lr10);
