@@ -8,7 +8,9 @@ captions, the tasks in turn, with the model's saved sampling settings unless fla
 override them) keeping every rejection, and prints, per task, the accuracy and the
 kinds of miss among the rejected images
 (`evaluate.miss_kinds`: 'object count' for too many or too few objects, else the missed
-attributes 'colour', 'shape', 'size', 'cell', and 'relation'), then a few rejections.
+attributes 'colour', 'shape', 'size', 'cell', and 'relation'), then the accuracy of the
+`and` captions split by how many of their phrases state a position (binding by cell vs
+binding with the placement left to the model), then a few rejections.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter, defaultdict
 
-from dalle_mini_jax import evaluate, quality
+from dalle_mini_jax import evaluate, quality, shapes
 from dalle_mini_jax.cli import add_sampling_args
 from dalle_mini_jax.pipeline import DalleMini
 
@@ -45,6 +47,19 @@ def main(argv=None) -> None:
             continue
         misses = ", ".join(f"{name} {n}" for name, n in kinds[task].most_common())
         print(f"{task:<18} {score:.3f} of {report.counts[task]}; misses: {misses or '-'}")
+    # `and` captions by positions stated: does the model bind when it also has to place?
+    failed = Counter(caption for caption, _ in report.failures)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0])  # -> [ok, images]
+    for caption in task_of:
+        spec = shapes.parse_caption(caption)
+        if spec.form != "and":
+            continue
+        key = (len(spec.objects), sum(p.cell is not None for p in spec.objects))
+        groups[key][0] += k - failed[caption]
+        groups[key][1] += k
+    print("`and` captions by positions stated (objects, positions): accuracy of images")
+    for (n, stated), (ok, total) in sorted(groups.items()):
+        print(f"  {n} objects, {stated} positioned: {ok / total:.3f} of {total}")
     print("first rejections:")
     for caption, reason in report.failures[:args.examples]:
         print(f"  {task_of[caption]}: {caption} | {reason[:150]}")

@@ -574,15 +574,30 @@ def relation_holds(relation: str, a: tuple[int, int], b: tuple[int, int]) -> boo
             "left of": ca < cb, "right of": ca > cb}[relation]
 
 
-def sample_scene(rng: np.random.Generator, spec: CaptionSpec) -> Scene:
+LAYOUTS = ("free", "reading")  # how `sample_scene` places phrases that state no cell
+
+
+def sample_scene(rng: np.random.Generator, spec: CaptionSpec, layout: str = "free") -> Scene:
     """Draws a scene that satisfies a caption: what the caption omits is drawn uniformly.
 
     Omitted sizes are uniform over small/large, unstated cells uniform over the free cells
     (for a relation: uniform over the cell pairs that satisfy it), jitter uniform in -1..1.
 
+    Args:
+      rng: the randomness.
+      spec: the caption to realise.
+      layout: "free" (the spec's set, above) or "reading": the same set of cells for the
+        phrases that state none, handed out to them in reading (row-major) order, so that
+        among those phrases the one named first is drawn first. A model trained on it
+        learns "the k-th unplaced object I draw is the k-th such phrase" instead of having
+        to tell, from what it has drawn, which phrase is still missing. The caption and
+        every other draw are the same as with "free" (the same random numbers are used).
+
     Returns:
       A `Scene` with one object per `spec.objects`, in that order.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     phrases = spec.objects
     if spec.form == "relation":
         pairs = [(a, b) for a in CELLS for b in CELLS
@@ -591,8 +606,12 @@ def sample_scene(rng: np.random.Generator, spec: CaptionSpec) -> Scene:
     else:
         stated = [p.cell for p in phrases if p.cell is not None]
         free = [c for c in CELLS if c not in stated]
-        picks = iter(rng.permutation(len(free)))
-        cells = [p.cell if p.cell is not None else free[int(next(picks))] for p in phrases]
+        unplaced = sum(p.cell is None for p in phrases)
+        picked = [free[int(k)] for k in rng.permutation(len(free))[:unplaced]]
+        if layout == "reading":
+            picked.sort()  # CELLS are (row, col): tuple order is reading order
+        picks = iter(picked)
+        cells = [p.cell if p.cell is not None else next(picks) for p in phrases]
     objects = []
     for phrase, cell in zip(phrases, cells):
         size = phrase.size or _choice(rng, SIZE_NAMES)
@@ -612,23 +631,27 @@ def describe(scene: Scene) -> CaptionSpec:
 # --------------------------------------------------------------------------------------
 
 
-def sample(seed: int, index: int) -> tuple[Scene, CaptionSpec]:
-    """Sample `index` of the set with this seed; it depends on (seed, index) only."""
+def sample(seed: int, index: int, layout: str = "free") -> tuple[Scene, CaptionSpec]:
+    """Sample `index` of the set with this seed; it depends on (seed, index) only.
+
+    `layout` is `sample_scene`'s: "reading" gives the same caption with the unplaced
+    objects in reading order."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got {seed}, {index}")
     rng = np.random.default_rng((seed, index))
     spec = sample_caption(rng)
-    return sample_scene(rng, spec), spec
+    return sample_scene(rng, spec, layout), spec
 
 
-def generate(num: int, seed: int, start: int = 0) -> Iterator[tuple[np.ndarray, str]]:
-    """Yields samples start .. start + num - 1 of the set with this seed.
+def generate(num: int, seed: int, start: int = 0, layout: str = "free"
+             ) -> Iterator[tuple[np.ndarray, str]]:
+    """Yields samples start .. start + num - 1 of the set with this seed (and layout).
 
     Yields:
       (image uint8 [64, 64, 3], caption str).
     """
     for index in range(start, start + num):
-        scene, spec = sample(seed, index)
+        scene, spec = sample(seed, index, layout)
         yield render(scene), caption_for(spec)
 
 
@@ -666,7 +689,7 @@ def write_folder(out_dir: str | os.PathLike, num: int, seed: int, start: int = 0
 
 __all__ = [
     "CANVAS_SIZE", "CELL_CENTRES", "CELLS", "COLOURS", "COLOUR_NAMES", "PALETTE",
-    "SHAPES", "SIZES", "POSITION_PHRASES", "RELATIONS", "FORMS", "TASKS", "TASK_WEIGHTS",
+    "LAYOUTS", "SHAPES", "SIZES", "POSITION_PHRASES", "RELATIONS", "FORMS", "TASKS", "TASK_WEIGHTS",
     "cross_thickness", "shape_mask", "box_origin", "draw", "render",
     "SceneObject", "Scene", "Phrase", "CaptionSpec", "task_of", "caption_for",
     "parse_caption", "sample_caption", "sample_scene", "relation_holds", "describe",

@@ -31,13 +31,16 @@ def vqgan_dir(tmp_path_factory):
 
 
 def test_parse_shapes_source():
-    assert enc.parse_shapes_source("shapes") == (None, 0)
-    assert enc.parse_shapes_source("shapes:100") == (100, 0)
-    assert enc.parse_shapes_source("shapes:100:7") == (100, 7)
-    assert enc.parse_shapes_source("shapes:inf:7") == (None, 7)
+    assert enc.parse_shapes_source("shapes") == (None, 0, "free")
+    assert enc.parse_shapes_source("shapes:100") == (100, 0, "free")
+    assert enc.parse_shapes_source("shapes:100:7") == (100, 7, "free")
+    assert enc.parse_shapes_source("shapes:inf:7") == (None, 7, "free")
+    assert enc.parse_shapes_source("shapes:100:7:reading") == (100, 7, "reading")
     assert enc.parse_shapes_source("data/shapes") is None
     with pytest.raises(ValueError):
         enc.parse_shapes_source("shapes:x")
+    with pytest.raises(ValueError, match="LAYOUT must be one of free, reading"):
+        enc.parse_shapes_source("shapes:100:7:sorted")
 
 
 def test_encode_decode_round_trip(vqgan_dir, tmp_path):

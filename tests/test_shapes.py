@@ -259,6 +259,32 @@ def test_generated_pairs_pass(dataset):
     assert ok and reason == "ok" and len(objects) == len(specs[0].objects)
 
 
+def test_reading_layout_orders_the_unplaced_objects_and_changes_nothing_else():
+    """layout="reading": same captions, sizes and jitter; the objects that state no cell take
+    the same cells as with "free", in reading order; the images still pass the judge."""
+    moved = 0
+    for i in range(600):
+        free, spec = shapes.sample(seed=11, index=i)
+        reading, spec_r = shapes.sample(seed=11, index=i, layout="reading")
+        assert spec_r == spec
+        assert [(o.colour, o.shape, o.size, o.jitter) for o in reading.objects] == [
+            (o.colour, o.shape, o.size, o.jitter) for o in free.objects]
+        placed = [p.cell is not None for p in spec.objects] if spec.form != "relation" else None
+        if placed is None:  # relations choose a cell pair; the layout does not touch them
+            assert reading == free
+            continue
+        unplaced_r = [o.cell for o, p in zip(reading.objects, placed) if not p]
+        unplaced_f = [o.cell for o, p in zip(free.objects, placed) if not p]
+        assert unplaced_r == sorted(unplaced_f)
+        assert [o.cell for o, p in zip(reading.objects, placed) if p] == [
+            o.cell for o, p in zip(free.objects, placed) if p]
+        moved += unplaced_r != unplaced_f
+        assert evaluate.judge(shapes.render(reading), spec.text)
+    assert moved > 50  # the layout does reorder
+    with pytest.raises(ValueError, match="unknown layout"):
+        shapes.sample(seed=11, index=0, layout="sorted")
+
+
 def test_shapes_recognised_at_any_centre_parity():
     for shape, s, centre in itertools.product(shapes.SHAPES, range(6, 25),
                                               ((31, 30), (31.5, 30), (30, 31.5))):
