@@ -400,6 +400,28 @@ def test_bfloat16_model_runs_close_to_float32(tiny_model, tmp_path):
     assert err < 5e-2, f"bf16 vs fp32 logits relative error {err:.3f}"
 
 
+def test_bfloat16_parameters_train_through_every_table(tiny_model):
+    """bf16 embedding rows are gathered as 16-bit integers (transformer._rows, for
+    memory); a bitcast has no derivative, so the gather's own must reach every table."""
+    bf = nnx.clone(tiny_model)
+    for _, var in nnx.iter_graph(bf):
+        if isinstance(var, nnx.Param):
+            var.set_value(var[...].astype(jnp.bfloat16))
+    cfg = bf.config
+    ids, mask = text_batch(cfg, [16, 5], seed=1)
+    dec = image_batch(cfg, 2, seed=2)
+    graphdef, params = nnx.split(bf)
+
+    def loss(params):
+        return jnp.mean(nnx.merge(graphdef, params)(ids, mask, dec).astype(jnp.float32) ** 2)
+
+    grads = nnx.state(jax.grad(loss)(params))
+    for name in ("enc_embed", "dec_embed"):
+        tables = jax.tree.leaves(grads[name])
+        assert tables and all(g.dtype == jnp.bfloat16 for g in tables)
+        assert all(float(jnp.abs(g.astype(jnp.float32)).sum()) > 0 for g in tables), name
+
+
 def test_nnx_jit_traces_once_per_shape(tiny_model):
     """Repeated nnx.jit calls, and a second model of the same config, reuse one trace."""
     cfg = tiny_model.config
