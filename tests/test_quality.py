@@ -192,3 +192,32 @@ def test_bundled_model_draws_what_it_is_told():
     assert single >= 0.6, report.table()
     assert report.scores["position"] >= 0.625, report.table()
     assert report.overall >= 0.25, report.table()
+
+
+def test_cross_attention_probe_records_one_distribution_per_step_and_layer():
+    """benchmarks/cross_attention_probe.py: its recorded weights are the decoder's softmax
+    over the caption's real tokens (sum 1, nothing on padding), for every step and layer;
+    phrase spans and object patches are the grammar's and the rasteriser's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cross_attention_probe as probe
+
+    from dalle_mini_jax import DalleMini
+
+    pipe = DalleMini.from_pretrained()
+    caption = "a red circle in the top left and a blue square"
+    words, spans = probe.phrase_spans(pipe, caption)
+    assert [" ".join(words[a:b]) for a, b in spans] == ["a red circle in the top left",
+                                                       "a blue square"]
+    codes = np.zeros(pipe.config.image_len, np.int64)
+    w = probe.cross_attention(pipe, caption, codes)
+    n = int(pipe.tokenizer([caption])["attention_mask"].sum())
+    assert w.shape == (pipe.config.image_len, pipe.config.num_decoder_layers, pipe.config.text_len)
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+    assert np.abs(w[..., n:]).max() < 1e-6
+    obj = shapes.SceneObject("red", "circle", "large", (0, 0), (0, 0))  # box 2..19 -> patches 0..2
+    words, spans = probe.phrase_spans(pipe, "a cross in the top right right of a small circle")
+    assert [" ".join(words[a:b]) for a, b in spans] == ["a cross in the top right", "a small circle"]
+    assert probe.object_tokens(obj, 8) == [0, 1, 2, 8, 9, 10, 16, 17, 18]
