@@ -1,12 +1,15 @@
 """Where generation's memory goes: RSS and peak RSS after each stage of loading and generating.
 
     python benchmarks/generate.py --preset mini --only ours1 --runs 1 --workdir /tmp/bench_mini
-    python benchmarks/load_memory.py /tmp/bench_mini/mini-model [--dtype bfloat16]
+    python benchmarks/load_memory.py /tmp/bench_mini/mini-model [--dtype bfloat16] [--compiled]
 
 The stages are those of `DalleMini.from_pretrained` taken apart (VQGAN decoder, DalleBart,
 the sampler's per-layer split), with glibc's `malloc_trim` after each, then two
 generations. Each line: seconds since start, stage, VmRSS and VmHWM (peak) in MiB, read
-from /proc/self/status (Linux). Compare the peak with `benchmarks/generate.py`'s
+from /proc/self/status (Linux). With --compiled, then XLA's own account of the three
+compiled functions of one guided image (the sampler's start = encoder + cross K/V, its
+decode loop, the VQGAN decode): arguments and temporaries in MiB, from
+`Compiled.memory_analysis()`. Compare the peak with `benchmarks/generate.py`'s
 `peak_rss_mb` for ours1 to see what the pipeline's own order of stages costs.
 """
 
@@ -33,6 +36,9 @@ def main(argv=None) -> int:
                    help="before the split, wait for every weight to be on the device, read one "
                         "stacked decoder weight on the host (np.asarray) and run gc.collect(), "
                         "reporting after each; then stop")
+    p.add_argument("--compiled", action="store_true",
+                   help="after the generations, print XLA's memory analysis of the compiled "
+                        "start, decode loop and VQGAN decode")
     args = p.parse_args(argv)
     start = time.perf_counter()
 
@@ -84,7 +90,40 @@ def main(argv=None) -> int:
         pipe.generate([args.prompt], num_images=1, seed=1, top_k=50, guidance=10.0, top_p=None,
                       temperature=1.0)
         report(f"generate {i}")
+    if args.compiled:
+        compiled_memory(pipe, args.prompt)
     return 0
+
+
+def compiled_memory(pipe, prompt: str) -> None:
+    """XLA's memory analysis of the three compiled functions of one guided image."""
+    import jax.numpy as jnp
+
+    from dalle_mini_jax import sampling
+    from dalle_mini_jax.pipeline import _decode
+
+    settings = sampling.SamplingSettings(top_k=50, guidance=10.0)
+    batch = pipe._plan([prompt], 1, 1, 1.0, 50, None, 10.0, 1)[2][0]
+    s = pipe.sampler
+    tok, u = pipe.tokenizer([prompt]), pipe.tokenizer.unconditional(1)
+    ids = jnp.concatenate([jnp.asarray(tok["input_ids"]), jnp.asarray(u["input_ids"])]).astype(jnp.int32)
+    mask = jnp.concatenate([jnp.asarray(tok["attention_mask"]),
+                            jnp.asarray(u["attention_mask"])]).astype(jnp.int32)
+    start_args = (s._graphdef, s.mesh, s._params, s._enc_layers, ids, mask,
+                  jnp.zeros((1,), jnp.int32), jnp.int32(1))
+    state, keys = pipe._start(batch, settings)
+    run_args = (s._graphdef, s.mesh, s._params, s._layers, state, keys, jnp.int32(0),
+                jnp.int32(pipe.config.image_len), jnp.float32(1.0), jnp.float32(10.0), None)
+    codes = jnp.zeros((1, pipe.config.image_len), jnp.int32)
+    for name, compiled in (
+        ("start (encoder, cross K/V)", sampling._jit_start.lower(*start_args).compile()),
+        ("decode loop", sampling._jit_run.lower(*run_args, top_k=50).compile()),
+        ("VQGAN decode", _decode.lower(pipe._vq_graphdef, pipe._vq_state, codes,
+                                       jnp.int32(pipe.config.image_len)).compile()),
+    ):
+        m = compiled.memory_analysis()
+        print(f"compiled {name:<28} arguments {m.argument_size_in_bytes / 2**20:7.1f} MiB  "
+              f"temporaries {m.temp_size_in_bytes / 2**20:7.1f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 # The bundled model, end to end, from the repository root (BUNDLED.md has times and results):
 #
 #   # 1. the shapes VQGAN (64x64 -> 8x8 codes), or reuse runs/vqgan_shapes/model if it exists
-#   dalle-mini-jax train-vqgan --config training/configs/vqgan_shapes.py --workdir runs/vqgan_shapes
+#   dalle-mini-jax train-vqgan --config training/configs/vqgan_shapes.py --workdir runs/vqgan_shapes model.codebook_size=1024
 #   # 2. encode the training and validation sets with it (shapes seeds 0 and 1, objects
 #   #    that state no position laid out in reading order: ":reading", docstring below)
 #   dalle-mini-jax encode --data shapes:60000:0:reading --vqgan runs/vqgan_shapes/model --out runs/bundled_data/train
