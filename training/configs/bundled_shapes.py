@@ -50,7 +50,7 @@ and examples seen buy a lot:
   encoded examples 3.7 times. Measured on the 2-core CPU with nothing else running:
   70 examples/s (2.2 steps/s), so 7,000 steps take ~54 minutes plus compilation and
   export; the shipped model is this run (BUNDLED.md: overall 0.457; 54 min 13 s in all,
-  short tests included). On a slower CPU pass --steps so that the run fits your budget
+  with niced unit tests beside it for ~10 of them). On a slower CPU pass --steps so that the run fits your budget
   (the rate is in metrics.jsonl).
 """
 
