@@ -20,11 +20,11 @@ import argparse
 from pathlib import Path
 from unittest import mock
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dalle_mini_jax import shapes, transformer
+from dalle_mini_jax.attention import attention_weights
 from dalle_mini_jax.pipeline import BUNDLED_MODEL_DIR, DalleMini
 from dalle_mini_jax.vqgan import VQModel
 
@@ -58,10 +58,7 @@ def cross_attention(pipe: DalleMini, caption: str, codes: np.ndarray) -> np.ndar
 
     def recording(q, k, v, m):  # cross-attention is the one with a single query
         if q.shape[1] == 1:
-            scale = q.shape[-1] ** -0.5
-            logits = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32) * scale
-            logits = jnp.where(m, logits, -1e9)
-            recorded.append(np.asarray(jax.nn.softmax(logits, axis=-1))[0, :, 0].mean(0))
+            recorded.append(np.asarray(attention_weights(q, k, m))[0, :, 0].mean(0))
         return plain(q, k, v, m)
 
     fed = np.concatenate([[cfg.bos_token_id], codes[:-1]])  # step p feeds token p-1

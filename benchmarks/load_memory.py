@@ -104,22 +104,16 @@ def compiled_memory(pipe, prompt: str) -> None:
 
     settings = sampling.SamplingSettings(top_k=50, guidance=10.0)
     batch = pipe._plan([prompt], 1, 1, 1.0, 50, None, 10.0, 1)[2][0]
-    s = pipe.sampler
-    tok, u = pipe.tokenizer([prompt]), pipe.tokenizer.unconditional(1)
-    ids = jnp.concatenate([jnp.asarray(tok["input_ids"]), jnp.asarray(u["input_ids"])]).astype(jnp.int32)
-    mask = jnp.concatenate([jnp.asarray(tok["attention_mask"]),
-                            jnp.asarray(u["attention_mask"])]).astype(jnp.int32)
-    start_args = (s._graphdef, s.mesh, s._params, s._enc_layers, ids, mask,
-                  jnp.zeros((1,), jnp.int32), jnp.int32(1))
-    state, keys = pipe._start(batch, settings)
-    run_args = (s._graphdef, s.mesh, s._params, s._layers, state, keys, jnp.int32(0),
-                jnp.int32(pipe.config.image_len), jnp.float32(1.0), jnp.float32(10.0), None)
-    codes = jnp.zeros((1, pipe.config.image_len), jnp.int32)
+    ids, mask, rows, uncond_row, keys = pipe._start_inputs(batch, settings)
+    state = pipe.sampler.start(ids, mask, rows, uncond_row)
+    S = pipe.config.image_len
+    codes = jnp.zeros((1, S), jnp.int32)
     for name, compiled in (
-        ("start (encoder, cross K/V)", sampling._jit_start.lower(*start_args).compile()),
-        ("decode loop", sampling._jit_run.lower(*run_args, top_k=50).compile()),
+        ("start (encoder, cross K/V)",
+         pipe.sampler.lower_start(ids, mask, rows, uncond_row).compile()),
+        ("decode loop", pipe.sampler.lower_run(state, keys, 0, S, settings).compile()),
         ("VQGAN decode", _decode.lower(pipe._vq_graphdef, pipe._vq_state, codes,
-                                       jnp.int32(pipe.config.image_len)).compile()),
+                                       jnp.int32(S)).compile()),
     ):
         m = compiled.memory_analysis()
         print(f"compiled {name:<28} arguments {m.argument_size_in_bytes / 2**20:7.1f} MiB  "

@@ -33,12 +33,17 @@ def attention(
     Returns:
       [B, Q, H, K] in q's dtype.
     """
+    weights = attention_weights(q, k, mask).astype(v.dtype)
+    return jnp.einsum("bhql,blhk->bqhk", weights, v)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`attention`'s softmax: float32 [B, H, Q, L] (q, k, mask as there)."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask, logits, NEG_INF)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhql,blhk->bqhk", weights, v)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def cached_attention(

@@ -470,6 +470,11 @@ class DalleMini:
         return texts, settings, batches
 
     def _start(self, batch, settings: SamplingSettings):
+        ids, mask, rows, uncond_row, keys = self._start_inputs(batch, settings)
+        return self.sampler.start(ids, mask, rows, uncond_row), keys
+
+    def _start_inputs(self, batch, settings: SamplingSettings):
+        """(ids, mask, rows, uncond_row, keys) of one planned batch: the sampler's inputs."""
         texts = batch["texts"]
         prompt_ids = sorted({p for p, _ in batch["images"]})
         tok = self.tokenizer([texts[p] for p in prompt_ids])
@@ -484,7 +489,7 @@ class DalleMini:
         rows = np.asarray([where[p] for p, _ in batch["images"]], np.int32)
         keys = image_keys(batch["seed"], [texts[p] for p, _ in batch["images"]],
                           [k for _, k in batch["images"]])
-        return self.sampler.start(ids, mask, rows, uncond_row), keys
+        return ids, mask, rows, uncond_row, keys
 
     def _frames(self, prompts, num_images, seed, temperature, top_k, top_p, guidance, progress,
                 batch_size, every) -> Iterator[Frame]:

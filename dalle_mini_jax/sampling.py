@@ -498,22 +498,39 @@ class TokenSampler:
     def start(self, input_ids, attention_mask, rows, uncond_row: int | None) -> DecodeState:
         """See `start_state`; inputs are host arrays."""
         with activate(self.mesh):
-            return _jit_start(
-                self._graphdef, self.mesh, self._params, self._enc_layers, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                jnp.asarray(rows, jnp.int32), None if uncond_row is None else jnp.int32(uncond_row),
-            )
+            return _jit_start(*self._start_args(input_ids, attention_mask, rows, uncond_row))
 
     def run(self, state: DecodeState, keys: jax.Array, begin: int, end: int,
             settings: SamplingSettings) -> DecodeState:
         """Decode steps begin..end-1 (see `decode_steps`). `state` is consumed."""
+        args, top_k = self._run_args(state, keys, begin, end, settings)
+        with activate(self.mesh):
+            return _jit_run(*args, top_k=top_k)
+
+    def lower_start(self, input_ids, attention_mask, rows, uncond_row: int | None):
+        """`start`'s compiled function for these inputs, lowered (not run): for memory
+        and HLO inspection (`.compile().memory_analysis()`, `.as_text()`)."""
+        with activate(self.mesh):
+            return _jit_start.lower(*self._start_args(input_ids, attention_mask, rows, uncond_row))
+
+    def lower_run(self, state: DecodeState, keys: jax.Array, begin: int, end: int,
+                  settings: SamplingSettings):
+        """`run`'s compiled function for these inputs, lowered (not run; `state` is kept)."""
+        args, top_k = self._run_args(state, keys, begin, end, settings)
+        with activate(self.mesh):
+            return _jit_run.lower(*args, top_k=top_k)
+
+    def _start_args(self, input_ids, attention_mask, rows, uncond_row) -> tuple:
+        return (self._graphdef, self.mesh, self._params, self._enc_layers,
+                jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+                jnp.asarray(rows, jnp.int32), None if uncond_row is None else jnp.int32(uncond_row))
+
+    def _run_args(self, state, keys, begin, end, settings: SamplingSettings) -> tuple[tuple, int | None]:
         top_k = settings.top_k
         if top_k is not None and top_k >= self.config.num_image_codes:
             top_k = None  # keeping every code is no filter: skip the work
-        with activate(self.mesh):
-            return _jit_run(
-                self._graphdef, self.mesh, self._params, self._layers, state, keys, jnp.int32(begin), jnp.int32(end),
-                jnp.float32(settings.temperature),
+        args = (self._graphdef, self.mesh, self._params, self._layers, state, keys,
+                jnp.int32(begin), jnp.int32(end), jnp.float32(settings.temperature),
                 jnp.float32(settings.guidance) if settings.guided else None,
-                jnp.float32(settings.top_p) if settings.uses_top_p else None,
-                top_k=None if top_k is None else int(top_k),
-            )
+                jnp.float32(settings.top_p) if settings.uses_top_p else None)
+        return args, None if top_k is None else int(top_k)

@@ -271,15 +271,11 @@ def test_bfloat16_sampling_holds_no_float32_copy_of_a_weight(tiny):
     shapes -= {(cfg.text_len, cfg.embed_dim)}
     sampler = sampling.TokenSampler(model, release_stacked=True)
     settings = SamplingSettings(top_k=10, guidance=5.0)
-    rows, uncond = jnp.array([0, 1], jnp.int32), jnp.int32(2)
-    start_args = (sampler._graphdef, None, sampler._params, sampler._enc_layers,
-                  jnp.asarray(ids), jnp.asarray(mask), rows, uncond)
-    state = sampling._jit_start(*start_args)
+    rows, uncond = np.array([0, 1]), 2
+    state = sampler.start(ids, mask, rows, uncond)
     keys = image_keys(1, ["a", "b"], [0, 0])
-    run_args = (sampler._graphdef, None, sampler._params, sampler._layers, state, keys,
-                jnp.int32(0), jnp.int32(4), jnp.float32(1.0), jnp.float32(5.0), None)
-    for name, fn, args, kw in (("start", sampling._jit_start, start_args, {}),
-                               ("run", sampling._jit_run, run_args, {"top_k": 10})):
-        hlo = fn.lower(*args, **kw).compile().as_text()
+    for name, lowered in (("start", sampler.lower_start(ids, mask, rows, uncond)),
+                          ("run", sampler.lower_run(state, keys, 0, 4, settings))):
+        hlo = lowered.compile().as_text()
         f32 = {tuple(int(d) for d in m.split(",")) for m in re.findall(r"f32\[(\d+(?:,\d+)+)\]", hlo)}
         assert not f32 & shapes, f"{name} holds float32 weight copies: {sorted(f32 & shapes)}"
