@@ -16,6 +16,7 @@ decode loop, the VQGAN decode): arguments and temporaries in MiB, from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
 
     report("imports")
     dtype = pl.resolve_dtype(args.dtype)
+    loading = contextlib.ExitStack()  # from_pretrained's allocator setting, until the split
+    loading.enter_context(pl._large_buffers_mapped())
     config = DalleBartConfig.load(args.model_dir / "config.json")
     vqgan = pl.VQGANDecoder.from_pretrained(args.model_dir / "vqgan", dtype=dtype)
     pl._return_free_memory()
@@ -79,10 +82,12 @@ def main(argv=None) -> int:
         report(f"gc.collect() freed {gc.collect()} objects")
         pl._return_free_memory()
         report("trimmed")
+        loading.close()
         return 0
     tokenizer = TextTokenizer.from_pretrained(args.model_dir, text_len=config.text_len,
                                               normalize=config.normalize_text)
     pipe = pl.DalleMini(model, vqgan, tokenizer, name=args.model_dir.name, release_stacked=True)
+    loading.close()
     report("layers split (enc + dec)")
     pl._return_free_memory()
     report("trimmed")

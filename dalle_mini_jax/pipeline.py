@@ -21,6 +21,7 @@ with the batch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -322,15 +323,16 @@ class DalleMini:
 
         tokenizer = TextTokenizer.from_pretrained(path, text_len=config.text_len,
                                                   normalize=config.normalize_text)
-        vqgan = VQGANDecoder.from_pretrained(vq_path, dtype=dtype)
-        model = DalleBart.from_pretrained(path, dtype=dtype, mesh=mesh)
-        # Give the host tensors freed by loading back to the OS before the sampler splits
-        # the stacked decoder into per-layer buffers (benchmarks/load_memory.py: mini fp32
-        # 2.06 GB resident after the trim, 2.12 GB after the split).
-        _return_free_memory()
-        name = "bundled" if model_dir is None else path.name
-        pipe = cls(model, vqgan, tokenizer, name=name, mesh=mesh, release_stacked=True,
-                   defaults=defaults)
+        with _large_buffers_mapped():
+            vqgan = VQGANDecoder.from_pretrained(vq_path, dtype=dtype)
+            model = DalleBart.from_pretrained(path, dtype=dtype, mesh=mesh)
+            # Give the host tensors freed by loading back to the OS before the sampler
+            # splits the stacked decoder into per-layer buffers (benchmarks/load_memory.py:
+            # mini fp32 2.06 GB resident after the trim, 2.12 GB after the split).
+            _return_free_memory()
+            name = "bundled" if model_dir is None else path.name
+            pipe = cls(model, vqgan, tokenizer, name=name, mesh=mesh, release_stacked=True,
+                       defaults=defaults)
         _return_free_memory()
         return pipe
 
@@ -569,6 +571,42 @@ def _decode(graphdef, state, codes, num_done):
     """[1, S] codes -> [1, H, W, 3] pixels; cells >= num_done from the mean code."""
     v = nnx.merge(graphdef, state)
     return v.decode_latents(v.latents(codes, num_done))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
+
+
+@contextlib.contextmanager
+def _large_buffers_mapped():
+    """While loading, glibc serves each allocation of 1 MiB or more from its own mmap.
+
+    Why: glibc's mmap threshold is dynamic. Once a mapped block is freed it rises to that
+    block's size (up to 32 MiB), and from then on tensors of that size come from the heap,
+    where freeing them keeps their pages (RSS) until a `malloc_trim`. Loading frees a
+    model's worth of host tensors and the sampler's split frees the stacked layers, so the
+    peak was one model plus that garbage. With a fixed 1 MiB threshold every freed tensor
+    goes back to the OS at once (`benchmarks/load_memory.py DIR --dtype bfloat16`, mini:
+    the peak of `from_pretrained` 1,436 -> 1,279 MiB).
+
+    Not for generation: there the same setting cost 15 % of the time of an image (mini
+    fp32, 20.1 s against 17.5-17.9 s, each new buffer faulted in page by page), so on exit
+    the thresholds are fixed where the dynamic rule would have taken them (mmap 32 MiB;
+    trim twice that), and reuse from the heap is as fast as before. No-op off glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018  (glibc or not)
+    except (OSError, AttributeError):
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 def _return_free_memory() -> None:

@@ -109,6 +109,64 @@ def test_chunked_arrays_both_ways(model, params, tmp_path, monkeypatch):
     assert_bit_exact(ckpt.read_msgpack(tmp_path / "ours.msgpack"), params)
 
 
+def test_reader_decodes_every_msgpack_type_flax_writes(tmp_path, monkeypatch):
+    """Our hand decoder against msgpack itself: ints of every width, floats, strings of
+    every length class, nested maps, numpy scalars, complex, bf16 and int arrays; casting
+    through a buffer smaller than one tensor gives what casting afterwards gives."""
+    rng = np.random.default_rng(0)
+    tree = {
+        "ints": {"a": np.int64(5), "b": np.array(-3, np.int32), "c": np.array(2**40, np.int64)},
+        "w": rng.standard_normal((37, 53)).astype(np.float32),
+        "h": rng.standard_normal((9, 4)).astype(BF16),
+        "ids": rng.integers(-2**31, 2**31 - 1, (300,), dtype=np.int64),
+        "c": np.complex64(1.5 - 2j),
+        "k" * 40: {"x" * 300: np.float32(0.25), "y" * 70000: np.zeros((0, 3), np.float32)},
+        **{f"m{i}": np.float64(i / 7) for i in range(20)},  # a map16
+    }
+    path = tmp_path / "t.msgpack"
+    path.write_bytes(serialization.to_bytes(tree))
+    want = ckpt.flatten(serialization.msgpack_restore(path.read_bytes()))
+    got = ckpt.read_msgpack(path)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.asarray(got[k]).dtype == np.asarray(want[k]).dtype, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    monkeypatch.setattr(ckpt, "_CAST_CHUNK_BYTES", 100)  # 25 float32s: 79 chunks for "w"
+    cast = ckpt.read_msgpack(path, dtype=BF16)
+    assert cast["w"].dtype == BF16 and cast["ids"].dtype == np.int64
+    np.testing.assert_array_equal(cast["w"].view(np.uint16), want["w"].astype(BF16).view(np.uint16))
+
+
+def test_reading_a_tensor_cast_holds_no_second_copy_of_it(tmp_path, monkeypatch):
+    """Loading bf16 from an fp32 file allocates the bf16 result and one bounded buffer:
+    msgpack's own unpacker held three fp32 copies of the largest tensor at once."""
+    import tracemalloc
+
+    big = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)  # 16 MiB
+    path = tmp_path / "big.msgpack"
+    ckpt.write_msgpack(path, {"a/kernel": big})
+    monkeypatch.setattr(ckpt, "_CAST_CHUNK_BYTES", 2**20)
+    tracemalloc.start()
+    try:
+        out = ckpt.read_msgpack(path, dtype=BF16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out["a/kernel"].dtype == BF16
+    assert peak < big.nbytes / 2 + 3 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_damaged_lengths_fail_before_allocating(tmp_path):
+    """A length field past the end of the file is 'truncated', not a 4 GiB allocation."""
+    path = tmp_path / "bad.msgpack"
+    path.write_bytes(b"\x81\xa1a\xc9\xff\xff\xff\xf0\x01")  # {"a": ext32 of ~4 GiB}
+    with pytest.raises(CheckpointError, match="truncated"):
+        ckpt.read_msgpack(path)
+    path.write_bytes(b"\x81\xa1a\xc7\x05\x01\x93\x91\x02\xa3int")  # payload cut short
+    with pytest.raises(CheckpointError, match=str(path)):
+        ckpt.read_msgpack(path)
+
+
 def test_unscanned_layout_loads_like_scanned(model, params, tmp_path):
     """`DalleBart.unscan` names: FlaxBartEncoderLayer_{i}/... with the layer axis removed."""
     unscanned = {}
