@@ -588,8 +588,8 @@ def _large_buffers_mapped():
     goes back to the OS at once (`benchmarks/load_memory.py DIR --dtype bfloat16`, mini:
     the peak of `from_pretrained` 1,436 -> 1,279 MiB).
 
-    Not for generation: there the same setting cost 15 % of the time of an image (mini
-    fp32, 20.1 s against 17.5-17.9 s, each new buffer faulted in page by page), so on exit
+    Not for generation: there the same setting made each image clearly slower (every new
+    buffer is faulted in page by page; a scratch A/B, README), so on exit
     the thresholds are fixed where the dynamic rule would have taken them (mmap 32 MiB;
     trim twice that), and reuse from the heap is as fast as before. No-op off glibc.
     """
