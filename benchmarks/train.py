@@ -1,7 +1,12 @@
 """Training throughput and model FLOP utilisation (MFU) against this machine's matmul peak.
 
-    python benchmarks/train.py                      # tiny, shapes, d512 (the issue's table)
+    python benchmarks/train.py                      # tiny, shapes, bundled, d512 (the issue's table)
     python benchmarks/train.py --models d512 --batch 16 --steps 10
+    python benchmarks/train.py --models bundled --steps 20 --cpu-libraries both   # xla_cpu.py's option
+
+`--cpu-libraries both` times every model twice in the same process, with XLA's defaults
+(`DALLE_MINI_JAX_CPU_LIBRARIES=0`) and with the trainer's XLA:CPU option (YNNPACK for dots
+only, `dalle_mini_jax/xla_cpu.py`), one after the other, and prints the ratio of the medians.
 
 For each model one jitted `train_step` (the trainer's own: AdamW, clipping, f32 loss)
 runs on a one-device mesh with random data; the step time is the median over timed
@@ -28,11 +33,13 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_mini_jax import xla_cpu
 from dalle_mini_jax.config import DalleBartConfig, transformer_preset
 from dalle_mini_jax.sharding import make_mesh
 from dalle_mini_jax.train_config import DataConfig, OptimizerConfig, TrainConfig
@@ -42,6 +49,9 @@ MODELS = {
     "tiny": transformer_preset("tiny"),
     "shapes": transformer_preset("shapes"),
     # DALL·E Mini at half width and half depth: d=512, 6+6 layers, the released vocabularies.
+    # the bundled model's shape (training/configs/bundled_shapes.py, 1.9 M parameters)
+    "bundled": DalleBartConfig.load(Path(__file__).resolve().parents[1] / "dalle_mini_jax" / "bundled"
+                                    / "model" / "config.json"),
     "d512": DalleBartConfig(embed_dim=512, num_heads=8, mlp_dim=1536, num_encoder_layers=6,
                             num_decoder_layers=6, text_vocab_size=50264, image_vocab_size=16384,
                             text_len=64, image_len=256),
@@ -111,13 +121,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batch", type=int, nargs="+", default=None,
-                   help="batch per model (default: tiny 64, shapes 32, d512 16)")
+                   help="batch per model (default: tiny 64, shapes 32, bundled 32, d512 16)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--cpu-libraries", default="on", choices=["on", "off", "both"],
+                   help="the trainer's XLA:CPU option (xla_cpu.py): on (the trainer's default), "
+                        "off (XLA's defaults), or both, one after the other (default on)")
     args = p.parse_args(argv)
-    defaults = {"tiny": 64, "shapes": 32, "d512": 16}
+    defaults = {"tiny": 64, "shapes": 32, "bundled": 32, "d512": 16}
     batches = args.batch or [defaults[m] for m in args.models]
     if len(batches) == 1:
         batches = batches * len(args.models)
@@ -126,28 +139,38 @@ def main(argv=None) -> None:
           flush=True)
     peaks = [matmul_peak()]
     rows = []
+    settings = {"on": ["on"], "off": ["off"], "both": ["off", "on"]}[args.cpu_libraries]
     for name, batch in zip(args.models, batches):
         cfg = MODELS[name]
-        r = time_train_step(cfg, batch, args.steps, args.warmup, args.dtype)
-        peaks.append(matmul_peak())
-        flops = model_flops_per_example(cfg) * batch
-        rows.append(dict(model=name, batch=batch, params=r["params"], step_ms=1e3 * r["step_s"],
-                         image_tokens_per_s=batch * cfg.image_len / r["step_s"],
-                         all_tokens_per_s=batch * (cfg.image_len + cfg.text_len) / r["step_s"],
-                         model_gflops_per_step=flops / 1e9, achieved_gflops=flops / r["step_s"] / 1e9,
-                         setup_s=r["setup_s"], loss=r["loss"]))
-        print(f"  {name}: batch {batch}, {1e3 * r['step_s']:.1f} ms/step (setup {r['setup_s']:.0f} s), "
-              f"matmul peak now {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
+        for libs in settings:
+            os.environ[xla_cpu.ENV_SWITCH] = "1" if libs == "on" else "0"  # read by build()
+            r = time_train_step(cfg, batch, args.steps, args.warmup, args.dtype)
+            peaks.append(matmul_peak())
+            flops = model_flops_per_example(cfg) * batch
+            rows.append(dict(model=name, libs=libs, batch=batch, params=r["params"],
+                             step_ms=1e3 * r["step_s"],
+                             image_tokens_per_s=batch * cfg.image_len / r["step_s"],
+                             all_tokens_per_s=batch * (cfg.image_len + cfg.text_len) / r["step_s"],
+                             model_gflops_per_step=flops / 1e9, achieved_gflops=flops / r["step_s"] / 1e9,
+                             setup_s=r["setup_s"], loss=r["loss"]))
+            print(f"  {name} (cpu libraries {libs}): batch {batch}, {1e3 * r['step_s']:.1f} ms/step "
+                  f"(setup {r['setup_s']:.0f} s, loss {r['loss']:.6f}), "
+                  f"matmul peak now {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
     peak = statistics.median(peaks)
     print(f"matmul peak (f32 2048^3 dot, median of {len(peaks)} measurements): {peak / 1e9:.1f} GFLOP/s "
           f"[{', '.join(f'{x / 1e9:.1f}' for x in peaks)}]")
-    print(f"{'model':8} {'batch':>5} {'params':>10} {'step ms':>9} {'img tok/s':>10} {'tok/s':>10} "
+    print(f"{'model':8} {'libs':>4} {'batch':>5} {'params':>10} {'step ms':>9} {'img tok/s':>10} {'tok/s':>10} "
           f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6}")
     for r in rows:
         r["mfu"] = r["achieved_gflops"] * 1e9 / peak
-        print(f"{r['model']:8} {r['batch']:5d} {r['params']:10,d} {r['step_ms']:9.1f} "
+        print(f"{r['model']:8} {r['libs']:>4} {r['batch']:5d} {r['params']:10,d} {r['step_ms']:9.1f} "
               f"{r['image_tokens_per_s']:10.0f} {r['all_tokens_per_s']:10.0f} {r['model_gflops_per_step']:10.2f} "
               f"{r['achieved_gflops']:8.1f} {100 * r['mfu']:5.1f}%")
+    if args.cpu_libraries == "both":
+        for off, on in zip(rows[::2], rows[1::2]):
+            print(f"{on['model']}: the XLA:CPU option makes a step {off['step_ms'] / on['step_ms']:.2f}x "
+                  f"as fast ({off['step_ms']:.1f} -> {on['step_ms']:.1f} ms; loss {off['loss']:.6f} vs "
+                  f"{on['loss']:.6f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"peak_flops": peak, "peaks": peaks, "rows": rows}, f, indent=2)

@@ -6,7 +6,8 @@ SRC is anything `data.open_dataset` reads (a folder of image + .txt pairs, an im
 with metadata, parquet/jsonl/csv files, a `save_to_disk` directory), or the built-in shapes
 set written `shapes:N:SEED` (images 0 .. N-1 of the set with that seed, generated on the
 fly; `shapes:N` means seed 0; `shapes:N:SEED:reading` the same captions with the objects
-that state no position laid out in reading order, `shapes.sample_scene`'s `layout`).
+that state no position laid out in reading order, `shapes.sample_scene`'s `layout`;
+`shapes:N:SEED:LAYOUT:MIX` draws the tasks with `shapes.TASK_MIXES[MIX]`, e.g. `multi`).
 
 Output: `OUT/{k:05d}.parquet` with columns `caption` (str) and `encoding` (list of S
 int64 codes, raster order), the released training format (`data.write_encoded`), plus
@@ -52,22 +53,23 @@ INFO_NAME = "encode_info.json"
 # --------------------------------------------------------------------------------------
 
 
-def parse_shapes_source(source: str) -> tuple[int | None, int, str] | None:
-    """Parse `shapes[:N[:SEED[:LAYOUT]]]`.
+def parse_shapes_source(source: str) -> tuple[int | None, int, str, str] | None:
+    """Parse `shapes[:N[:SEED[:LAYOUT[:MIX]]]]`.
 
     Returns:
-      None if `source` does not name the shapes set, else (N, seed, layout): N None for
-      `shapes` alone or `shapes:inf[:SEED]` (an endless stream, for training), seed 0 if
-      omitted, layout one of `shapes.LAYOUTS` ("free", the spec's set, if omitted).
+      None if `source` does not name the shapes set, else (N, seed, layout, mix): N None
+      for `shapes` alone or `shapes:inf[:SEED]` (an endless stream, for training), seed 0
+      if omitted, layout one of `shapes.LAYOUTS` ("free", the spec's set, if omitted), mix
+      a key of `shapes.TASK_MIXES` ("spec" if omitted).
     """
-    from dalle_mini_jax.shapes import LAYOUTS
+    from dalle_mini_jax.shapes import LAYOUTS, TASK_MIXES
 
     if source != SHAPES_PREFIX and not source.startswith(SHAPES_PREFIX + ":"):
         return None
     parts = source.split(":")[1:]
-    if len(parts) > 3:
-        raise ValueError(f"{source!r}: expected shapes, shapes:N, shapes:N:SEED or "
-                         "shapes:N:SEED:LAYOUT")
+    if len(parts) > 4:
+        raise ValueError(f"{source!r}: expected shapes, shapes:N, shapes:N:SEED, "
+                         "shapes:N:SEED:LAYOUT or shapes:N:SEED:LAYOUT:MIX")
     try:
         num = None if not parts or parts[0] in ("", "inf") else int(parts[0])
         seed = int(parts[1]) if len(parts) >= 2 else 0
@@ -75,16 +77,19 @@ def parse_shapes_source(source: str) -> tuple[int | None, int, str] | None:
         raise ValueError(f"{source!r}: N and SEED of shapes:N:SEED must be integers") from None
     if num is not None and num <= 0:
         raise ValueError(f"{source!r}: N must be positive")
-    layout = parts[2] if len(parts) == 3 else "free"
+    layout = parts[2] if len(parts) >= 3 else "free"
     if layout not in LAYOUTS:
         raise ValueError(f"{source!r}: LAYOUT must be one of {', '.join(LAYOUTS)}")
-    return num, seed, layout
+    mix = parts[3] if len(parts) == 4 else "spec"
+    if mix not in TASK_MIXES:
+        raise ValueError(f"{source!r}: MIX must be one of {', '.join(TASK_MIXES)}")
+    return num, seed, layout, mix
 
 
 class ShapesSource:
     """The built-in shapes set as a source of `data.Example`s (nothing is ever skipped).
 
-    Example i is `shapes.sample(seed, i)`, so any range is generated directly: resuming at
+    Example i is `shapes.sample(seed, i, layout, mix)`, so any range is generated directly: resuming at
     `start_index` costs nothing.
 
     Args:
@@ -93,16 +98,20 @@ class ShapesSource:
       resolution: side of the images yielded; the set is drawn at 64 and resized with
         `data.load_image` (Lanczos) when this differs.
       layout: `shapes.sample_scene`'s layout ("free": the spec's set).
+      mix: `shapes.sample_caption`'s task mix ("spec": the spec's set).
     """
 
-    def __init__(self, num: int | None, seed: int, resolution: int, layout: str = "free"):
+    def __init__(self, num: int | None, seed: int, resolution: int, layout: str = "free",
+                 mix: str = "spec"):
         self.num = num
         self.seed = seed
         self.resolution = resolution
         self.layout = layout
+        self.mix = mix
         self.skipped: dict[str, int] = {}
         self.description = (f"shapes:{'inf' if num is None else num}:{seed}"
-                            + ("" if layout == "free" else f":{layout}"))
+                            + ("" if layout == "free" and mix == "spec" else f":{layout}")
+                            + ("" if mix == "spec" else f":{mix}"))
 
     def __len__(self) -> int:
         if self.num is None:
@@ -114,7 +123,7 @@ class ShapesSource:
 
         index = start_index
         while self.num is None or index < self.num:
-            image, caption = next(shapes.generate(1, self.seed, index, self.layout))
+            image, caption = next(shapes.generate(1, self.seed, index, self.layout, self.mix))
             if image.shape[0] != self.resolution:
                 from PIL import Image
 
@@ -139,7 +148,7 @@ def open_source(source: str, resolution: int, *, num_workers: int = 2):
     """
     parsed = parse_shapes_source(source)
     if parsed is not None:
-        return ShapesSource(*parsed[:2], resolution, layout=parsed[2])
+        return ShapesSource(*parsed[:2], resolution, layout=parsed[2], mix=parsed[3])
     return data_lib.open_dataset(source, resolution, num_workers=num_workers)
 
 
@@ -333,7 +342,7 @@ def _write_info(out_dir: Path, source: str, vqgan_dir, model: VQModel, shard_siz
 def add_arguments(parser) -> None:
     """The `encode` flags, for `cli.py` and `python -m dalle_mini_jax.encode`."""
     parser.add_argument("--data", required=True,
-                        help="source: shapes:N[:SEED[:reading]], or a folder / file / glob data.open_dataset reads")
+                        help="source: shapes:N[:SEED[:LAYOUT[:MIX]]] (LAYOUT free|reading, MIX spec|multi), or a folder / file / glob data.open_dataset reads")
     parser.add_argument("--vqgan", required=True, help="VQGAN model directory")
     parser.add_argument("--out", required=True, help="output folder of parquet shards")
     parser.add_argument("--batch-size", type=int, default=64, help="images per jitted encode call")

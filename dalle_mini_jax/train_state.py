@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from . import xla_cpu
 from .config import DalleBartConfig
 from .sharding import DEFAULT_RULES, activate, batch_sharding, state_shardings
 from .train_config import OptimizerConfig, TrainConfig
@@ -180,10 +181,14 @@ def build(cfg: TrainConfig, model_cfg: DalleBartConfig, mesh: Mesh,
         train_step, graphdef=graphdef, tx=tx, schedule=schedule,
         blank_prob=cfg.data.blank_caption_prob, uncond=(uncond_ids, uncond_mask),
     )
+    # On a CPU, YNNPACK takes the dots only, not the reductions (xla_cpu.py: ~1.3x a step).
+    options = xla_cpu.compiler_options(mesh.devices.flat[0].platform)
     train_jit = jax.jit(with_mesh(train), in_shardings=(shardings, b_sh, replicated),
-                        out_shardings=(shardings, replicated), donate_argnums=0)
+                        out_shardings=(shardings, replicated), donate_argnums=0,
+                        compiler_options=options)
     evaluate = functools.partial(eval_step, graphdef=graphdef)
-    eval_jit = jax.jit(with_mesh(evaluate), in_shardings=(p_sh, b_sh), out_shardings=replicated)
+    eval_jit = jax.jit(with_mesh(evaluate), in_shardings=(p_sh, b_sh), out_shardings=replicated,
+                       compiler_options=options)
     init_jit = jax.jit(init, out_shardings=shardings)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     fns = StepFns(graphdef=graphdef, state_shardings=shardings, batch_sharding=b_sh,

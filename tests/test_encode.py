@@ -31,16 +31,25 @@ def vqgan_dir(tmp_path_factory):
 
 
 def test_parse_shapes_source():
-    assert enc.parse_shapes_source("shapes") == (None, 0, "free")
-    assert enc.parse_shapes_source("shapes:100") == (100, 0, "free")
-    assert enc.parse_shapes_source("shapes:100:7") == (100, 7, "free")
-    assert enc.parse_shapes_source("shapes:inf:7") == (None, 7, "free")
-    assert enc.parse_shapes_source("shapes:100:7:reading") == (100, 7, "reading")
+    assert enc.parse_shapes_source("shapes") == (None, 0, "free", "spec")
+    assert enc.parse_shapes_source("shapes:100") == (100, 0, "free", "spec")
+    assert enc.parse_shapes_source("shapes:100:7") == (100, 7, "free", "spec")
+    assert enc.parse_shapes_source("shapes:inf:7") == (None, 7, "free", "spec")
+    assert enc.parse_shapes_source("shapes:100:7:reading") == (100, 7, "reading", "spec")
+    assert enc.parse_shapes_source("shapes:100:7:reading:multi") == (100, 7, "reading", "multi")
     assert enc.parse_shapes_source("data/shapes") is None
     with pytest.raises(ValueError):
         enc.parse_shapes_source("shapes:x")
     with pytest.raises(ValueError, match="LAYOUT must be one of free, reading"):
         enc.parse_shapes_source("shapes:100:7:sorted")
+    with pytest.raises(ValueError, match="MIX must be one of spec, multi, multi_position"):
+        enc.parse_shapes_source("shapes:100:7:reading:hard")
+    with pytest.raises(ValueError, match="expected shapes"):
+        enc.parse_shapes_source("shapes:100:7:reading:multi:x")
+    source = enc.open_source("shapes:5:3:free:multi", 64)
+    assert source.description == "shapes:5:3:free:multi"
+    assert [e.caption for e in source] == [shapes.sample(3, i, mix="multi")[1].text
+                                          for i in range(5)]
 
 
 def test_encode_decode_round_trip(vqgan_dir, tmp_path):

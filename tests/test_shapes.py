@@ -285,6 +285,26 @@ def test_reading_layout_orders_the_unplaced_objects_and_changes_nothing_else():
         shapes.sample(seed=11, index=0, layout="sorted")
 
 
+def test_task_mix_changes_only_how_often_each_task_is_drawn():
+    """mix="spec" is the default set draw for draw; "multi" draws the tasks with its own
+    shares, from the same grammar, and its images still satisfy their captions."""
+    n = 3000
+    counts = Counter()
+    for i in range(n):
+        scene, spec = shapes.sample(seed=4, index=i, mix="multi")
+        counts[spec.task] += 1
+        assert shapes.parse_caption(spec.text) == spec
+        if i < 200:
+            assert shapes.sample(seed=4, index=i, mix="spec") == shapes.sample(seed=4, index=i)
+            assert evaluate.judge(shapes.render(scene), spec.text)
+    for task, share in shapes.TASK_MIXES["multi"].items():
+        # binomial standard error at n=3000 is at most 0.009
+        assert abs(counts[task] / n - share) < 0.03, (task, counts[task] / n, share)
+    assert abs(sum(shapes.TASK_MIXES["multi"].values()) - 1) < 1e-9
+    with pytest.raises(ValueError, match="unknown task mix 'hard'"):
+        shapes.sample(seed=4, index=0, mix="hard")
+
+
 def test_shapes_recognised_at_any_centre_parity():
     for shape, s, centre in itertools.product(shapes.SHAPES, range(6, 25),
                                               ((31, 30), (31.5, 30), (30, 31.5))):

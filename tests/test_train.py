@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import train_testdata as td
 from dalle_mini_jax import train_config as tc
+from dalle_mini_jax import xla_cpu
 from dalle_mini_jax.config import transformer_preset
 from dalle_mini_jax.sharding import make_mesh
 from dalle_mini_jax.text import TextTokenizer
@@ -175,6 +176,16 @@ def test_sharded_step_matches_one_device(step_results, name):
     # Adam's first update is lr * g / (|g| + eps) ~ lr * sign(g): where |g| ~ 1e-9 the
     # float32 rounding of the sharded sums moves it by a fraction of lr (seen: 0.4%).
     _assert_tree_close(state.params, ref_state.params, rtol=1e-5, atol=1e-2 * LR)
+
+
+def test_step_on_cpu_gives_ynnpack_the_dots_only(step_results):
+    """On a CPU the compiled step hands its dots, and none of its reductions, to YNNPACK
+    (xla_cpu.py); the sharded-step test above runs with that option."""
+    new, fns, batch = step_results["one"][2:]
+    rng = step_rng(np.asarray(jax.random.key_data(jax.random.key(0))), 1)
+    fusions = xla_cpu.library_fusions(fns.train_step.lower(new, batch, rng).compile().as_text())
+    assert sum(n for (kind, ops), n in fusions.items() if "dot" in ops) >= 10
+    assert not [ops for (kind, ops) in fusions if "reduce" in ops], fusions
 
 
 def _assert_tree_close(a, b, rtol, atol=0.0, scale_atol=0.0):
