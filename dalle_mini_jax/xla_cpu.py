@@ -7,9 +7,9 @@ reductions are the slow part: compiled as YNNPACK fusions they run slower than X
 loops. Restricting YNNPACK to dots (`xla_cpu_experimental_ynn_fusion_type=DOT`) keeps the
 dots in YNNPACK, now fused with their bitcasts and adds, and leaves the reductions to XLA:
 the bundled model's training step (D=128, batch 32) then has 46 YNNPACK fusions, all
-dots, where it had 198, 148 of them reductions, and runs ~1.3x faster, same loss
-(`python benchmarks/train.py --models bundled`, with `DALLE_MINI_JAX_CPU_LIBRARIES=0` for
-the default; BUNDLED.md has the measurement).
+dots, where it had 198, 148 of them reductions, and runs 1.35x faster (489 -> 361 ms),
+same loss (`python benchmarks/train.py --models bundled tiny --steps 20 --cpu-libraries
+both`, README "Measured"; the tiny model, whose step is mostly overhead: 1.03x).
 
 The option goes to `jax.jit(..., compiler_options=...)` of the functions it was measured
 on (the transformer trainer's steps), never to `XLA_FLAGS`: an unknown name in `XLA_FLAGS`
