@@ -48,10 +48,10 @@ from dalle_mini_jax.train_state import build, step_rng
 MODELS = {
     "tiny": transformer_preset("tiny"),
     "shapes": transformer_preset("shapes"),
-    # DALL·E Mini at half width and half depth: d=512, 6+6 layers, the released vocabularies.
     # the bundled model's shape (training/configs/bundled_shapes.py, 1.9 M parameters)
     "bundled": DalleBartConfig.load(Path(__file__).resolve().parents[1] / "dalle_mini_jax" / "bundled"
                                     / "model" / "config.json"),
+    # DALL·E Mini at half width and half depth: d=512, 6+6 layers, the released vocabularies.
     "d512": DalleBartConfig(embed_dim=512, num_heads=8, mlp_dim=1536, num_encoder_layers=6,
                             num_decoder_layers=6, text_vocab_size=50264, image_vocab_size=16384,
                             text_len=64, image_len=256),
@@ -113,8 +113,12 @@ def time_train_step(model_cfg: DalleBartConfig, batch_size: int, steps: int, war
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    # What the step hands to kernel libraries (xla_cpu.py), from the compiled program.
+    fusions = xla_cpu.library_fusions(fns.train_step.lower(state, batch, key).compile().as_text())
     return {"step_s": statistics.median(times), "min_step_s": min(times), "setup_s": setup,
-            "params": n_params, "loss": float(metrics["loss"])}
+            "params": n_params, "loss": float(metrics["loss"]),
+            "library_fusions": sum(fusions.values()),
+            "library_fusions_with_reduce": sum(n for (_, ops), n in fusions.items() if "reduce" in ops)}
 
 
 def main(argv=None) -> None:
@@ -152,9 +156,11 @@ def main(argv=None) -> None:
                              image_tokens_per_s=batch * cfg.image_len / r["step_s"],
                              all_tokens_per_s=batch * (cfg.image_len + cfg.text_len) / r["step_s"],
                              model_gflops_per_step=flops / 1e9, achieved_gflops=flops / r["step_s"] / 1e9,
-                             setup_s=r["setup_s"], loss=r["loss"]))
+                             setup_s=r["setup_s"], loss=r["loss"], library_fusions=r["library_fusions"],
+                             library_fusions_with_reduce=r["library_fusions_with_reduce"]))
             print(f"  {name} (cpu libraries {libs}): batch {batch}, {1e3 * r['step_s']:.1f} ms/step "
-                  f"(setup {r['setup_s']:.0f} s, loss {r['loss']:.6f}), "
+                  f"(setup {r['setup_s']:.0f} s, loss {r['loss']:.6f}; kernel-library fusions "
+                  f"{r['library_fusions']}, {r['library_fusions_with_reduce']} of them with a reduce), "
                   f"matmul peak now {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
     peak = statistics.median(peaks)
     print(f"matmul peak (f32 2048^3 dot, median of {len(peaks)} measurements): {peak / 1e9:.1f} GFLOP/s "

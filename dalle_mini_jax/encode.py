@@ -342,7 +342,7 @@ def _write_info(out_dir: Path, source: str, vqgan_dir, model: VQModel, shard_siz
 def add_arguments(parser) -> None:
     """The `encode` flags, for `cli.py` and `python -m dalle_mini_jax.encode`."""
     parser.add_argument("--data", required=True,
-                        help="source: shapes:N[:SEED[:LAYOUT[:MIX]]] (LAYOUT free|reading, MIX spec|multi), or a folder / file / glob data.open_dataset reads")
+                        help="source: shapes:N[:SEED[:LAYOUT[:MIX]]] (LAYOUT free|reading, MIX a key of shapes.TASK_MIXES), or a folder / file / glob data.open_dataset reads")
     parser.add_argument("--vqgan", required=True, help="VQGAN model directory")
     parser.add_argument("--out", required=True, help="output folder of parquet shards")
     parser.add_argument("--batch-size", type=int, default=64, help="images per jitted encode call")

@@ -181,7 +181,7 @@ def build(cfg: TrainConfig, model_cfg: DalleBartConfig, mesh: Mesh,
         train_step, graphdef=graphdef, tx=tx, schedule=schedule,
         blank_prob=cfg.data.blank_caption_prob, uncond=(uncond_ids, uncond_mask),
     )
-    # On a CPU, YNNPACK takes the dots only, not the reductions (xla_cpu.py: ~1.3x a step).
+    # On a CPU, YNNPACK takes the dots only, not the reductions (xla_cpu.py: 1.35x the bundled model's step).
     options = xla_cpu.compiler_options(mesh.devices.flat[0].platform)
     train_jit = jax.jit(with_mesh(train), in_shardings=(shardings, b_sh, replicated),
                         out_shardings=(shardings, replicated), donate_argnums=0,
