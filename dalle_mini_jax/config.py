@@ -303,6 +303,14 @@ class VQGANConfig:
     # the encoder is 1x1 below full resolution with no mid attention, so a code depends
     # only on its own patch and a few pixels around it. vqgan.py says why.
     local: bool = False
+    # Patch codes (ours too; key "patch_codes", written only when set; needs `local`): the
+    # encoder's every convolution is 1x1 and it downsamples by non-overlapping 2x2 stride-2
+    # convolutions, so a code is a function of its own f x f patch and of nothing else;
+    # the decoder upsamples by depth to space (a 1x1 conv to 4x the width), so each of a
+    # position's 2x2 children has its own map (vqgan.Upsample says why).
+    # The local encoder's 3x3 stride-2 convolutions see 2(f - 1) + 3 pixels past a patch:
+    # at f32 that is a whole neighbouring patch. vqgan.py says where it matters.
+    patch_codes: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -317,6 +325,9 @@ class VQGANConfig:
                 f"local=True with attn_resolutions={self.attn_resolutions}: attention in the "
                 "encoder would mix every position into every code; use attn_resolutions=()"
             )
+        if self.patch_codes and not self.local:
+            raise ConfigError("patch_codes=True needs local=True (patch codes are a stricter "
+                              "kind of local codes)")
         for c in [self.channels * m for m in self.channel_mult] + [self.channels]:
             if c % self.norm_groups:
                 raise ConfigError(
@@ -360,6 +371,7 @@ class VQGANConfig:
             "norm_groups": self.norm_groups,
             "norm_eps": self.norm_eps,
             **({"local": True} if self.local else {}),
+            **({"patch_codes": True} if self.patch_codes else {}),
         }
 
     @classmethod
@@ -381,6 +393,7 @@ class VQGANConfig:
             norm_groups=d.pop("norm_groups", cls.norm_groups),
             norm_eps=d.pop("norm_eps", cls.norm_eps),
             local=bool(d.pop("local", cls.local)),
+            patch_codes=bool(d.pop("patch_codes", cls.patch_codes)),
         )
         _warn_unknown(d, _VQGAN_IGNORED, "VQGAN")
         return cls(**kwargs)

@@ -6,7 +6,8 @@ SRC is anything `data.open_dataset` reads (a folder of image + .txt pairs, an im
 with metadata, parquet/jsonl/csv files, a `save_to_disk` directory), or the built-in shapes
 set written `shapes:N:SEED` (images 0 .. N-1 of the set with that seed, generated on the
 fly; `shapes:N` means seed 0; `shapes:N:SEED:reading` the same captions with the objects
-that state no position laid out in reading order, `shapes.sample_scene`'s `layout`;
+that state no position laid out in reading order (`:centred`: no jitter;
+`:reading_centred`: both), `shapes.sample_scene`'s `layout`;
 `shapes:N:SEED:LAYOUT:MIX` draws the tasks with `shapes.TASK_MIXES[MIX]`, e.g. `multi`).
 
 Output: `OUT/{k:05d}.parquet` with columns `caption` (str) and `encoding` (list of S
@@ -95,8 +96,9 @@ class ShapesSource:
     Args:
       num: number of images, or None for an endless stream.
       seed: the set's seed.
-      resolution: side of the images yielded; the set is drawn at 64 and resized with
-        `data.load_image` (Lanczos) when this differs.
+      resolution: side of the images yielded; the set is drawn at 64, enlarged by
+        nearest neighbour (`shapes.from_canvas`) or shrunk with `data.load_image`
+        (Lanczos) when this differs.
       layout: `shapes.sample_scene`'s layout ("free": the spec's set).
       mix: `shapes.sample_caption`'s task mix ("spec": the spec's set).
     """
@@ -124,7 +126,9 @@ class ShapesSource:
         index = start_index
         while self.num is None or index < self.num:
             image, caption = next(shapes.generate(1, self.seed, index, self.layout, self.mix))
-            if image.shape[0] != self.resolution:
+            if image.shape[0] < self.resolution:  # flat colours stay flat; exactly undone
+                image = shapes.from_canvas(image, self.resolution)
+            elif image.shape[0] > self.resolution:  # antialiased shrinking
                 from PIL import Image
 
                 image = data_lib.load_image(Image.fromarray(image), self.resolution)
@@ -342,7 +346,7 @@ def _write_info(out_dir: Path, source: str, vqgan_dir, model: VQModel, shard_siz
 def add_arguments(parser) -> None:
     """The `encode` flags, for `cli.py` and `python -m dalle_mini_jax.encode`."""
     parser.add_argument("--data", required=True,
-                        help="source: shapes:N[:SEED[:LAYOUT[:MIX]]] (LAYOUT free|reading, MIX a key of shapes.TASK_MIXES), or a folder / file / glob data.open_dataset reads")
+                        help="source: shapes:N[:SEED[:LAYOUT[:MIX]]] (LAYOUT one of shapes.LAYOUTS: free, reading, centred, reading_centred; MIX a key of shapes.TASK_MIXES), or a folder / file / glob data.open_dataset reads")
     parser.add_argument("--vqgan", required=True, help="VQGAN model directory")
     parser.add_argument("--out", required=True, help="output folder of parquet shards")
     parser.add_argument("--batch-size", type=int, default=64, help="images per jitted encode call")

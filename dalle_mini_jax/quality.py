@@ -160,7 +160,8 @@ def run_shapes(pipe, num_prompts: int = DEFAULT_PROMPTS,
     """Runs the shapes benchmark on a loaded pipeline.
 
     Args:
-      pipe: a `pipeline.DalleMini` whose VQGAN makes 64 x 64 images.
+      pipe: a `pipeline.DalleMini` whose VQGAN makes 64 x 64 images (or larger: judged
+        after `shapes.to_canvas`).
       num_prompts: fresh captions (`shapes_prompts`).
       images_per_prompt: K images per caption.
       seed: caption seed, also the generation seed.
@@ -174,9 +175,10 @@ def run_shapes(pipe, num_prompts: int = DEFAULT_PROMPTS,
       A `QualityReport`.
     """
     side = pipe.vqgan.config.resolution
-    if side != shapes.CANVAS_SIZE:
+    if side < shapes.CANVAS_SIZE:
         raise ValueError(f"the model makes {side}x{side} images; the shapes judge needs "
-                         f"{shapes.CANVAS_SIZE}x{shapes.CANVAS_SIZE} (is this a shapes model?)")
+                         f"{shapes.CANVAS_SIZE}x{shapes.CANVAS_SIZE} or larger (is this a shapes "
+                         "model?)")
     prompts = shapes_prompts(num_prompts, seed)
     texts = [c for c, _ in prompts]
     start = time.perf_counter()
@@ -186,7 +188,9 @@ def run_shapes(pipe, num_prompts: int = DEFAULT_PROMPTS,
     settings = json.loads(pil[0].info.get("settings", "{}")) if pil else dict(sampling)
 
     start = time.perf_counter()
-    images = np.stack([np.asarray(p.convert("RGB")) for p in pil])
+    # A model drawing at a larger side (the cell VQGAN's 96) is judged on the canvas its
+    # training images were enlarged from (`shapes.from_canvas`, undone exactly).
+    images = shapes.to_canvas(np.stack([np.asarray(p.convert("RGB")) for p in pil]))
     captions = [c for c, _ in prompts for _ in range(images_per_prompt)]
     tasks = [t for _, t in prompts for _ in range(images_per_prompt)]
     scores, counts, ok = score_images(images, captions, tasks)
@@ -234,8 +238,12 @@ def vqgan_ceiling(vqgan_dir: str | Path, num_prompts: int = DEFAULT_PROMPTS,
             images.append(shapes.render(shapes.sample_scene(rng, spec)))
             captions.append(caption)
             tasks.append(task)
-    recon, _ = reconstruct(model, np.stack(images), batch_size)
-    scores, _, _ = score_images(recon, captions, tasks)
+    images = np.stack(images)
+    side = model.config.resolution
+    if side > shapes.CANVAS_SIZE:  # a VQGAN drawing larger reads and is judged as run_shapes
+        images = shapes.from_canvas(images, side)
+    recon, _ = reconstruct(model, images, batch_size)
+    scores, _, _ = score_images(shapes.to_canvas(recon), captions, tasks)
     return scores
 
 

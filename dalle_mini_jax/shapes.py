@@ -619,7 +619,7 @@ def relation_holds(relation: str, a: tuple[int, int], b: tuple[int, int]) -> boo
             "left of": ca < cb, "right of": ca > cb}[relation]
 
 
-LAYOUTS = ("free", "reading")  # how `sample_scene` places phrases that state no cell
+LAYOUTS = ("free", "reading", "centred", "reading_centred")  # how `sample_scene` places objects
 
 
 def sample_scene(rng: np.random.Generator, spec: CaptionSpec, layout: str = "free") -> Scene:
@@ -637,6 +637,11 @@ def sample_scene(rng: np.random.Generator, spec: CaptionSpec, layout: str = "fre
         learns "the k-th unplaced object I draw is the k-th such phrase" instead of having
         to tell, from what it has drawn, which phrase is still missing. The caption and
         every other draw are the same as with "free" (the same random numbers are used).
+        Or "centred": "free" with every jitter 0 (the same draws, the jitter dropped),
+        and "reading_centred" both. Every centred image is still an image of the spec (a
+        jitter "may" be there); the cell VQGAN is trained on them and the bundled
+        transformer's training images are encoded from them: a cell then holds one of
+        65 things, not 577 (training/configs/vqgan_shapes.py:cells says what it bought).
 
     Returns:
       A `Scene` with one object per `spec.objects`, in that order.
@@ -653,7 +658,7 @@ def sample_scene(rng: np.random.Generator, spec: CaptionSpec, layout: str = "fre
         free = [c for c in CELLS if c not in stated]
         unplaced = sum(p.cell is None for p in phrases)
         picked = [free[int(k)] for k in rng.permutation(len(free))[:unplaced]]
-        if layout == "reading":
+        if layout in ("reading", "reading_centred"):
             picked.sort()  # CELLS are (row, col): tuple order is reading order
         picks = iter(picked)
         cells = [p.cell if p.cell is not None else next(picks) for p in phrases]
@@ -661,6 +666,8 @@ def sample_scene(rng: np.random.Generator, spec: CaptionSpec, layout: str = "fre
     for phrase, cell in zip(phrases, cells):
         size = phrase.size or _choice(rng, SIZE_NAMES)
         jitter = tuple(int(d) for d in rng.integers(-MAX_JITTER, MAX_JITTER + 1, size=2))
+        if layout in ("centred", "reading_centred"):
+            jitter = (0, 0)
         objects.append(SceneObject(phrase.colour, phrase.shape, size, cell, jitter))
     return Scene(tuple(objects))
 
@@ -702,14 +709,45 @@ def generate(num: int, seed: int, start: int = 0, layout: str = "free", mix: str
         yield render(scene), caption_for(spec)
 
 
-def generate_arrays(num: int, seed: int, start: int = 0) -> tuple[np.ndarray, list[str]]:
+def generate_arrays(num: int, seed: int, start: int = 0, layout: str = "free"
+                    ) -> tuple[np.ndarray, list[str]]:
     """Like `generate`, stacked: (images uint8 [num, 64, 64, 3], captions)."""
     images = np.zeros((num, CANVAS_SIZE, CANVAS_SIZE, 3), np.uint8)
     captions = []
-    for k, (image, caption) in enumerate(generate(num, seed, start)):
+    for k, (image, caption) in enumerate(generate(num, seed, start, layout)):
         images[k] = image
         captions.append(caption)
     return images, captions
+
+
+def _nearest_rows(out_side: int, in_side: int) -> np.ndarray:
+    """Nearest-neighbour source index of each output row/column: floor((j + 0.5) * in / out)."""
+    return ((np.arange(out_side) + 0.5) * in_side / out_side).astype(np.int64)
+
+
+def from_canvas(images: np.ndarray, side: int) -> np.ndarray:
+    """Canvas images [..., 64, 64, 3] enlarged to [..., side, side, 3] by nearest neighbour.
+
+    For a model that works at a larger side than the canvas (the cell VQGAN: 96, so that
+    each cell of the 3 x 3 grid is one 32 x 32 patch). Nearest, not an interpolating
+    filter: the colours stay the palette's, and `to_canvas` gives the canvas back exactly.
+    """
+    if side < CANVAS_SIZE:
+        raise ValueError(f"from_canvas enlarges; side {side} < {CANVAS_SIZE}")
+    rows = _nearest_rows(side, CANVAS_SIZE)
+    return images[..., rows, :, :][..., :, rows, :]
+
+
+def to_canvas(images: np.ndarray) -> np.ndarray:
+    """Images [..., R, R, 3] with R >= 64 -> the canvas, [..., 64, 64, 3], by nearest
+    neighbour: the exact inverse of `from_canvas`, and what the judge reads of a model
+    that draws at a larger side."""
+    side = images.shape[-2]
+    if side < CANVAS_SIZE or images.shape[-3] != side:
+        raise ValueError(f"to_canvas takes square images of side >= {CANVAS_SIZE}, "
+                         f"got {images.shape}")
+    rows = _nearest_rows(CANVAS_SIZE, side)
+    return images[..., rows, :, :][..., :, rows, :]
 
 
 def file_stem(index: int) -> str:
@@ -740,5 +778,6 @@ __all__ = [
     "cross_thickness", "shape_mask", "box_origin", "draw", "render",
     "SceneObject", "Scene", "Phrase", "CaptionSpec", "task_of", "caption_for",
     "parse_caption", "sample_caption", "sample_scene", "relation_holds", "describe",
-    "sample", "generate", "generate_arrays", "file_stem", "write_folder",
+    "sample", "generate", "generate_arrays", "from_canvas", "to_canvas", "file_stem",
+    "write_folder",
 ]

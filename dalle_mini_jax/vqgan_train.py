@@ -589,7 +589,7 @@ def reconstruct(model: VQModel, images: np.ndarray, batch_size: int = 64
 
 def reconstruction_metrics(model: VQModel, images: np.ndarray, captions: list[str] | None,
                            batch_size: int = 64) -> dict[str, float]:
-    """Held-out PSNR, codebook usage and (64x64 shapes captions) judge acceptance.
+    """Held-out PSNR, codebook usage and (shapes captions) judge acceptance.
 
     Args:
       model: the VQGAN.
@@ -607,7 +607,7 @@ def metrics_of(images: np.ndarray, recon: np.ndarray, codes: np.ndarray, codeboo
                captions: list[str] | None) -> dict[str, float]:
     """psnr (mean dB), codebook_usage (fraction of codes used on these images), perplexity
     (of the code histogram), and judge_accept when the captions are shapes captions and
-    the images 64x64, of reconstructions `recon` [N, R, R, 3] with codes [N, S]."""
+    the images at least 64x64, of reconstructions `recon` [N, R, R, 3] with codes [N, S]."""
     counts = np.bincount(codes.reshape(-1), minlength=codebook_size)
     probs = counts / counts.sum()
     out = {
@@ -615,7 +615,7 @@ def metrics_of(images: np.ndarray, recon: np.ndarray, codes: np.ndarray, codeboo
         "codebook_usage": float(np.mean(counts > 0)),
         "perplexity": float(np.exp(-np.sum(probs[probs > 0] * np.log(probs[probs > 0])))),
     }
-    if captions is not None and images.shape[1] == 64:
+    if captions is not None and images.shape[1] >= 64:
         from dalle_mini_jax import evaluate, shapes
 
         try:
@@ -623,7 +623,9 @@ def metrics_of(images: np.ndarray, recon: np.ndarray, codes: np.ndarray, codeboo
         except ValueError:
             specs = None  # not shapes captions: the judge does not apply
         if specs is not None:
-            out["judge_accept"] = float(evaluate.judge_batch(recon, specs).mean())
+            # A VQGAN drawing at a larger side (the cell VQGAN's 96) is judged on the
+            # canvas its training images were enlarged from (`shapes.from_canvas`).
+            out["judge_accept"] = float(evaluate.judge_batch(shapes.to_canvas(recon), specs).mean())
     return out
 
 

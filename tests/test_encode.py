@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from flax import nnx
 
 from dalle_mini_jax import data, shapes
@@ -74,6 +75,18 @@ def test_encode_decode_round_trip(vqgan_dir, tmp_path):
     assert decoded.shape == (22, 16, 16, 3) and np.isfinite(decoded).all()
     info = json.loads((tmp_path / enc.INFO_NAME).read_text())
     assert info["examples_encoded"] == 22 and info["codebook_size"] == TINY.codebook_size
+
+
+def test_shapes_source_enlarges_by_nearest_and_shrinks_by_lanczos():
+    """A VQGAN larger than the canvas (the cell VQGAN's 96) reads the canvas enlarged by
+    nearest neighbour, which `shapes.to_canvas` undoes exactly; a smaller one (tiny, 16)
+    reads it antialiased."""
+    canvas = [image for image, _ in shapes.generate(3, 5)]
+    big = [e.image for e in enc.ShapesSource(3, 5, 96).iterate()]
+    np.testing.assert_array_equal(np.stack(big), shapes.from_canvas(np.stack(canvas), 96))
+    small = [e.image for e in enc.ShapesSource(3, 5, 16).iterate()]
+    want = [data.load_image(Image.fromarray(image), 16) for image in canvas]
+    np.testing.assert_array_equal(np.stack(small), np.stack(want))
 
 
 def test_rerun_rewrites_only_missing_shards(vqgan_dir, tmp_path):

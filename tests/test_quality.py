@@ -85,7 +85,24 @@ def test_perfect_images_score_one_and_blank_ones_zero():
     assert "**overall**" in table and "images/s" in table
 
 
-def test_rejects_a_model_that_is_not_64x64():
+class EnlargedPipe(PerfectPipe):
+    """PerfectPipe drawing at 96 x 96 like the cell VQGAN (the canvas enlarged)."""
+
+    class vqgan:  # noqa: N801
+        class config:  # noqa: N801
+            resolution = 96
+
+    def generate(self, prompts, **kw):
+        return [Image.fromarray(shapes.from_canvas(np.asarray(im), 96))
+                for im in super().generate(prompts, **kw)]
+
+
+def test_a_model_drawing_at_a_larger_side_is_judged_on_the_canvas():
+    report = quality.run_shapes(EnlargedPipe(), num_prompts=18, images_per_prompt=1, seed=2)
+    assert report.overall == 1.0, report.table()
+
+
+def test_rejects_a_model_smaller_than_the_canvas():
     pipe = PerfectPipe()
     pipe.vqgan = type("V", (), {"config": type("C", (), {"resolution": 16})})
     with pytest.raises(ValueError, match="shapes"):

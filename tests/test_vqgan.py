@@ -345,3 +345,30 @@ def test_local_encoder_codes_depend_only_on_their_neighbourhood(tmp_path):
                                   np.asarray(latents(model, images)))
     with pytest.raises(ValueError, match="attn_resolutions"):
         VQGAN_PRESETS["tiny"].replace(local=True)
+
+
+def test_patch_codes_see_their_own_patch_and_nothing_else(tmp_path):
+    """`VQGANConfig.patch_codes`: the input gradient of one latent is zero outside its own
+    f x f patch (a local encoder's reaches into the next patch), the config round-trips
+    through config.json, and it needs `local`."""
+    base = VQGAN_PRESETS["shapes"].replace(resolution=96, channel_mult=(1, 2, 4, 8, 8, 8),
+                                           local=True)
+    reach = {}
+    for patch in (False, True):
+        model = VQModel(base.replace(patch_codes=patch), rngs=nnx.Rngs(0))
+        grad = jax.grad(lambda x: model.encode_latents(x)[0, 1, 1].sum())(
+            jnp.full((1, 96, 96, 3), 0.5, jnp.float32))
+        rows, cols = np.nonzero(np.abs(np.asarray(grad[0])).sum(-1))
+        reach[patch] = (rows.min(), rows.max(), cols.min(), cols.max())
+    assert reach[True] == (32, 63, 32, 63)  # the latent of patch (1, 1): pixels 32..63
+    assert reach[False][1] > 63 + 16  # 3x3 stride-2 convolutions overlap into patch (2, 2)
+
+    config = base.replace(patch_codes=True)
+    assert config.to_released_dict()["patch_codes"] is True
+    assert "patch_codes" not in base.to_released_dict()
+    assert VQGANConfig.from_released_dict(config.to_released_dict()) == config
+    model = VQModel(config, rngs=nnx.Rngs(1))
+    model.save_pretrained(tmp_path)
+    assert VQModel.from_pretrained(tmp_path).config.patch_codes
+    with pytest.raises(ValueError, match="local"):
+        base.replace(local=False, patch_codes=True)

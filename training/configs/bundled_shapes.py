@@ -17,6 +17,12 @@
 #
 # tiny variant (every stage in seconds, same paths under runs/bundled_tiny*):
 #   --config training/configs/bundled_shapes.py:tiny
+# cells variant (an experiment, not shipped: BUNDLED.md "The cell VQGAN"): 9 codes an image
+#   dalle-mini-jax train-vqgan --config training/configs/vqgan_shapes.py:cells --workdir runs/vqgan_cells
+#   dalle-mini-jax encode --data shapes:60000:0:reading_centred:multi_position --vqgan runs/vqgan_cells/model --out runs/bundled_cells_data/train
+#   dalle-mini-jax encode --data shapes:2000:1:reading_centred --vqgan runs/vqgan_cells/model --out runs/bundled_cells_data/valid
+#   dalle-mini-jax train --config training/configs/bundled_shapes.py:cells --workdir runs/bundled_cells \
+#     --steps 6000 data.tokenizer=dalle_mini_jax/bundled/model
 """The model bundled with the package: a small DalleBart over the shapes VQGAN.
 
 Why this shape. It must train in under an hour on a 2-core CPU and ship in a few MB, and
@@ -70,6 +76,8 @@ from dalle_mini_jax.train_config import DataConfig, OptimizerConfig, SampleConfi
 
 VQGAN_DIR = "runs/vqgan_shapes/model"  # dalle-mini-jax train-vqgan --workdir runs/vqgan_shapes
 DATA_DIR = "runs/bundled_data"  # encoded train/ and valid/ shards, tokenizer/
+CELLS_VQGAN_DIR = "runs/vqgan_cells/model"  # ... --config training/configs/vqgan_shapes.py:cells
+CELLS_DATA_DIR = "runs/bundled_cells_data"
 VOCAB_SIZE = 512  # BPE ids (an upper bound): 5 specials + 256 bytes + merges (~106 used)
 TEXT_LEN = 32  # longest shapes caption: 27 tokens with this BPE (BOS and EOS included)
 
@@ -84,8 +92,10 @@ def get_config(variant: str | None = None) -> TrainConfig:
     data_dir, vqgan_dir = DATA_DIR, VQGAN_DIR
     if variant == "tiny":
         data_dir = DATA_DIR.replace("bundled_data", "bundled_tiny_data")
+    elif variant == "cells":  # over the cell VQGAN (vqgan_shapes.py:cells): 9 codes an image
+        data_dir, vqgan_dir = CELLS_DATA_DIR, CELLS_VQGAN_DIR
     elif variant not in (None, ""):
-        raise ValueError(f"unknown variant {variant!r}: use none or 'tiny'")
+        raise ValueError(f"unknown variant {variant!r}: use none, 'tiny' or 'cells'")
     vq = _vqgan_config(vqgan_dir)
     model = transformer_preset("shapes").replace(
         embed_dim=128, num_heads=4, mlp_dim=384, num_encoder_layers=2, num_decoder_layers=4,
