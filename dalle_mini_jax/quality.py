@@ -207,8 +207,8 @@ def run_shapes(pipe, num_prompts: int = DEFAULT_PROMPTS,
 
 
 def vqgan_ceiling(vqgan_dir: str | Path, num_prompts: int = DEFAULT_PROMPTS,
-                  images_per_prompt: int = 1, seed: int = 0, batch_size: int = 64
-                  ) -> dict[str, float]:
+                  images_per_prompt: int = 1, seed: int = 0, batch_size: int = 64,
+                  layout: str = "free") -> dict[str, float]:
     """Judged accuracy of a VQGAN's reconstructions of true images of the benchmark captions.
 
     No transformer over this VQGAN can score more than this (it can only pick codes,
@@ -220,6 +220,8 @@ def vqgan_ceiling(vqgan_dir: str | Path, num_prompts: int = DEFAULT_PROMPTS,
       num_prompts, seed: the captions (`shapes_prompts`).
       images_per_prompt: true images drawn per caption (`shapes.sample_scene`).
       batch_size: images per jitted encode-decode call.
+      layout: `shapes.sample_scene`'s layout of the true images ("free": the spec's;
+        "centred": no jitter, for a VQGAN trained and used on centred images).
 
     Returns:
       {task: accuracy}, then 'overall' (the mean over tasks).
@@ -235,7 +237,7 @@ def vqgan_ceiling(vqgan_dir: str | Path, num_prompts: int = DEFAULT_PROMPTS,
         for j in range(images_per_prompt):
             # Its own stream: (seed, k, j) with a tag the benchmark captions never use.
             rng = np.random.default_rng((seed, 7_777, k, j))
-            images.append(shapes.render(shapes.sample_scene(rng, spec)))
+            images.append(shapes.render(shapes.sample_scene(rng, spec, layout)))
             captions.append(caption)
             tasks.append(task)
     images = np.stack(images)
@@ -283,6 +285,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ceiling", action="store_true",
                         help="also judge the VQGAN's reconstructions of true images for the "
                              "same captions: the most any transformer over it can score")
+    parser.add_argument("--ceiling-layout", default="free", choices=["free", "centred"],
+                        help="the true images of --ceiling: as the spec draws them, or "
+                             "without jitter (a VQGAN trained on centred images, e.g. the "
+                             "cell VQGAN, whose transformer learnt centred codes)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -317,7 +323,8 @@ def run(args) -> int:
         from .pipeline import resolve_vqgan_dir
 
         vq_dir = resolve_vqgan_dir(model_dir, pipe.config, args.vqgan)
-        report.ceiling = vqgan_ceiling(vq_dir, args.prompts, args.images_per_prompt, args.seed)
+        report.ceiling = vqgan_ceiling(vq_dir, args.prompts, args.images_per_prompt, args.seed,
+                                       layout=args.ceiling_layout)
     print(report.table())
     print(f"(model loaded in {load_seconds:.1f} s)")
     defaults_file = model_dir / GENERATION_CONFIG_NAME

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle_mini_jax import quality, shapes
+from dalle_mini_jax import evaluate, quality, shapes
 from dalle_mini_jax.pipeline import BUNDLED_MODEL_DIR
 
 BUNDLED_LIMIT_BYTES = 25 * 1024 * 1024  # the issue's "at most 25 MB together"
@@ -140,6 +140,37 @@ def test_eval_command_end_to_end(shapes_model_dir, tmp_path, capsys):
     # The VQGAN ceiling: its reconstructions of true images, judged per task.
     assert set(report["ceiling"]) == set(shapes.TASKS) | {"overall"}
     assert "VQGAN ceiling" in printed
+
+
+def test_ceiling_judges_true_images_of_the_layout_asked(monkeypatch):
+    """vqgan_ceiling(layout=...): the true images are drawn in that layout (jittered for
+    "free", none for "centred") and, for a VQGAN larger than the canvas, enlarged going
+    in and shrunk back before the judge. Here a perfect 96-pixel "VQGAN" (identity)."""
+    from dalle_mini_jax import vqgan, vqgan_train
+
+    seen = []
+
+    class Identity:
+        config = type("C", (), {"resolution": 96})
+
+    def reconstruct(model, images, batch_size):
+        seen.append(images)
+        return images, None
+
+    monkeypatch.setattr(vqgan.VQModel, "from_pretrained", staticmethod(lambda d: Identity()))
+    monkeypatch.setattr(vqgan_train, "reconstruct", reconstruct)
+    for layout in ("free", "centred"):
+        scores = quality.vqgan_ceiling("unused", num_prompts=18, layout=layout)
+        assert scores["overall"] == 1.0
+    free, centred = (shapes.to_canvas(x) for x in seen)
+    assert seen[0].shape[1:] == (96, 96, 3)
+    assert not np.array_equal(free, centred)
+    def origins(images):  # every object's box origin, as an offset from its unjittered one
+        return {(o.bbox[0] - shapes.box_origin(shapes.CELL_CENTRES[o.cell[1]], o.extent),
+                 o.bbox[1] - shapes.box_origin(shapes.CELL_CENTRES[o.cell[0]], o.extent))
+                for image in images for o in evaluate.find_objects(image)}
+
+    assert origins(centred) == {(0, 0)} and len(origins(free)) > 1
 
 
 def test_eval_save_defaults_round_trip(shapes_model_dir, tmp_path, capsys):
