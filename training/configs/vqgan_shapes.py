@@ -135,8 +135,8 @@ def cells_config() -> VQGANTrainConfig:
     inside its cell's patch: tests/test_shapes.py), f32 (six levels, widths 8, 16, 32,
     64, 64, 64) and patch codes (`VQGANConfig.patch_codes`): a code is a function of its
     cell alone, so a transformer writes 9 codes, one per cell, instead of 64 that each
-    hold a piece of an object (BUNDLED.md, "The cell VQGAN": not shipped yet, the
-    transformer over it has not learnt colours so far).
+    hold a piece of an object (BUNDLED.md, "The cell VQGAN": the sixth bundled model,
+    overall 0.600 against 0.493 over 8x8 codes).
 
     Measured, 2026-12-02 06:02-06:37 UTC, 2-core CPU (this config but for the in-run eval,
     which read jittered images then): 8,850 steps; `benchmarks/vqgan_shapes.py --layout
