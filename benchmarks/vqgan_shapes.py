@@ -118,7 +118,7 @@ def benchmark(model_dir: str | Path, num: int = 1000, seed: int = 12345,
     images, captions = shapes.generate_arrays(num, seed, layout=layout)
     # A VQGAN at a larger side (the cell VQGAN: 96) reads the canvas enlarged the way
     # encode.ShapesSource enlarges it, and its reconstructions are judged shrunk back.
-    images = shapes.from_canvas(images, side) if side > shapes.CANVAS_SIZE else images
+    images = shapes.from_canvas(images, side)  # the canvas itself at side 64
     t = time.perf_counter()
     recon, codes = reconstruct(model, images)
     out = metrics_of(images, recon, codes, model.config.codebook_size, captions)
