@@ -8,7 +8,8 @@ set written `shapes:N:SEED` (images 0 .. N-1 of the set with that seed, generate
 fly; `shapes:N` means seed 0; `shapes:N:SEED:reading` the same captions with the objects
 that state no position laid out in reading order (`:centred`: no jitter;
 `:reading_centred`: both), `shapes.sample_scene`'s `layout`;
-`shapes:N:SEED:LAYOUT:MIX` draws the tasks with `shapes.TASK_MIXES[MIX]`, e.g. `multi`).
+`shapes:N:SEED:LAYOUT:MIX` draws the tasks with `shapes.TASK_MIXES[MIX]`, e.g. `multi`;
+MIX `grid` draws filled grids for a cell VQGAN, `shapes.GRID_MIX`).
 
 Output: `OUT/{k:05d}.parquet` with columns `caption` (str) and `encoding` (list of S
 int64 codes, raster order), the released training format (`data.write_encoded`), plus
@@ -61,9 +62,9 @@ def parse_shapes_source(source: str) -> tuple[int | None, int, str, str] | None:
       None if `source` does not name the shapes set, else (N, seed, layout, mix): N None
       for `shapes` alone or `shapes:inf[:SEED]` (an endless stream, for training), seed 0
       if omitted, layout one of `shapes.LAYOUTS` ("free", the spec's set, if omitted), mix
-      a key of `shapes.TASK_MIXES` ("spec" if omitted).
+      one of `shapes.MIXES` ("spec" if omitted).
     """
-    from dalle_mini_jax.shapes import LAYOUTS, TASK_MIXES
+    from dalle_mini_jax.shapes import LAYOUTS, MIXES
 
     if source != SHAPES_PREFIX and not source.startswith(SHAPES_PREFIX + ":"):
         return None
@@ -82,8 +83,8 @@ def parse_shapes_source(source: str) -> tuple[int | None, int, str, str] | None:
     if layout not in LAYOUTS:
         raise ValueError(f"{source!r}: LAYOUT must be one of {', '.join(LAYOUTS)}")
     mix = parts[3] if len(parts) == 4 else "spec"
-    if mix not in TASK_MIXES:
-        raise ValueError(f"{source!r}: MIX must be one of {', '.join(TASK_MIXES)}")
+    if mix not in MIXES:
+        raise ValueError(f"{source!r}: MIX must be one of {', '.join(MIXES)}")
     return num, seed, layout, mix
 
 
@@ -346,7 +347,7 @@ def _write_info(out_dir: Path, source: str, vqgan_dir, model: VQModel, shard_siz
 def add_arguments(parser) -> None:
     """The `encode` flags, for `cli.py` and `python -m dalle_mini_jax.encode`."""
     parser.add_argument("--data", required=True,
-                        help="source: shapes:N[:SEED[:LAYOUT[:MIX]]] (LAYOUT one of shapes.LAYOUTS: free, reading, centred, reading_centred; MIX a key of shapes.TASK_MIXES), or a folder / file / glob data.open_dataset reads")
+                        help="source: shapes:N[:SEED[:LAYOUT[:MIX]]] (LAYOUT one of shapes.LAYOUTS: free, reading, centred, reading_centred; MIX one of shapes.MIXES: a task mix, or grid for a cell VQGAN), or a folder / file / glob data.open_dataset reads")
     parser.add_argument("--vqgan", required=True, help="VQGAN model directory")
     parser.add_argument("--out", required=True, help="output folder of parquet shards")
     parser.add_argument("--batch-size", type=int, default=64, help="images per jitted encode call")
