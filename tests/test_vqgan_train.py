@@ -234,3 +234,34 @@ def test_config_file_and_overrides(tmp_path):
     cfg = vt.config_from_args(args)
     assert cfg.num_steps == 3 and cfg.model.codebook_size == 64 and cfg.data == "shapes:64:3"
     assert vt.VQGANTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_vqgan_shapes_benchmark_judges_a_larger_vqgan_on_the_canvas(tmp_path, monkeypatch):
+    """benchmarks/vqgan_shapes.py on a random 96 px patch-code VQGAN (the cell VQGAN's
+    shape): every number it promises comes back; with a reconstruction that returns its
+    input, the judge accepts every image, so the enlargement (`shapes.from_canvas`) and
+    the judging on the canvas (`shapes.to_canvas`) undo each other."""
+    import sys
+
+    from dalle_mini_jax.config import VQGANConfig
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import vqgan_shapes as bench
+
+    cfg = VQGANConfig(channels=8, channel_mult=(1, 1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+                      z_channels=8, embed_dim=8, codebook_size=16, resolution=96, norm_groups=4,
+                      local=True, patch_codes=True)
+    VQModel(cfg, rngs=nnx.Rngs(0)).save_pretrained(tmp_path / "model")
+    out = bench.benchmark(tmp_path / "model", num=6, failures=True, layout="centred")
+    assert out["num_images"] == 6 and out["tokens"] == 9 and out["codebook_size"] == 16
+    assert 0.0 <= out["judge_accept"] <= 1.0 and np.isfinite(out["psnr"])
+    assert 0.0 <= out["code_consistency"] <= 1.0 and out["background_codes"] >= 1
+    assert sum(out["failures"]["kinds"].values()) >= round(6 * (1 - out["judge_accept"]))
+
+    def identity(model, images, batch_size=64):
+        return images.copy(), np.zeros((len(images), 9), np.int32)
+
+    monkeypatch.setattr(bench, "reconstruct", identity)
+    for layout in ("centred", "free"):
+        exact = bench.benchmark(tmp_path / "model", num=6, failures=True, layout=layout)
+        assert exact["judge_accept"] == 1.0 and exact["failures"]["kinds"] == {}, layout
