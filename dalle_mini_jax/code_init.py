@@ -1,15 +1,15 @@
 """Start a DalleBart's image-token rows from what each VQGAN code draws.
 
 A fresh model's decoder token table and LM head give every image code an unrelated random
-row, so the model has to find out from scratch that, say, the 32 codes that draw something
-red have something in common. Started instead from the codes' drawings, codes that draw
+row, so the model has to find out from scratch that, say, the 8 codes that draw a single
+red object (4 shapes x 2 sizes) have something in common. Started instead from the codes' drawings, codes that draw
 alike start alike, and "red" is one direction in the model's space from step 0.
 
 Measured on the bundled model's recipe (BUNDLED.md; training/configs/bundled_shapes.py,
-its `init` step): over the cell VQGAN's 9 codes an image, validation loss 0.62 after
-1,000 steps of 64 against 1.09 from the usual random rows (which sat on a plateau near
-1.1-1.2 for 1,000-6,000 steps depending on batch size and learning rate, and reached 0.62
-only at step 3,000). On the 64 codes of single centred objects, the rows' cosine is 0.36
+its `init` step), over the cell VQGAN's 9 codes an image with the sixth model's captions
+(`multi_position`): validation loss 0.62 after 1,000 steps of 64 against 1.09 from the
+usual random rows, which sat on a plateau near 1.1-1.2 for 1,000 to more than 6,000
+steps depending on batch size and learning rate, and reached 0.62 only at step 3,000. On the 64 codes of single centred objects, the rows' cosine is 0.36
 within a colour against -0.06 across colours (from the VQGAN's codebook vectors
 themselves: 0.12 vs -0.02; they mostly separate sizes).
 
@@ -82,8 +82,8 @@ def init_from_vqgan(model, vqgan, seed: int = 0) -> np.ndarray:
     """
     cfg = model.config
     k = vqgan.config.codebook_size
-    if cfg.image_vocab_size != k:
-        raise ValueError(f"the model has {cfg.image_vocab_size} image codes, the VQGAN {k}: "
+    if cfg.num_image_codes != k:  # a table padded past the codes (Mega's) is fine
+        raise ValueError(f"the model has {cfg.num_image_codes} image codes, the VQGAN {k}: "
                          "set model.image_vocab_size to the VQGAN's codebook_size")
     rows = image_rows(vqgan, cfg.embed_dim, cfg.init_std, seed)
     model.dec_embed.tokens[...] = model.dec_embed.tokens[...].at[:k].set(rows)

@@ -91,7 +91,8 @@ def parse_shapes_source(source: str) -> tuple[int | None, int, str, str] | None:
 class ShapesSource:
     """The built-in shapes set as a source of `data.Example`s (nothing is ever skipped).
 
-    Example i is `shapes.sample(seed, i, layout, mix)`, so any range is generated directly: resuming at
+    Example i is `shapes.sample(seed, i, layout, mix)` (for mix `grid`: `shapes.grid_scene`,
+    captioned with every object's phrase), so any range is generated directly: resuming at
     `start_index` costs nothing.
 
     Args:
@@ -101,7 +102,8 @@ class ShapesSource:
         nearest neighbour (`shapes.from_canvas`) or shrunk with `data.load_image`
         (Lanczos) when this differs.
       layout: `shapes.sample_scene`'s layout ("free": the spec's set).
-      mix: `shapes.sample_caption`'s task mix ("spec": the spec's set).
+      mix: `shapes.sample_caption`'s task mix ("spec": the spec's set), or
+        `shapes.GRID_MIX` for filled grids (a cell VQGAN's training images only).
     """
 
     def __init__(self, num: int | None, seed: int, resolution: int, layout: str = "free",

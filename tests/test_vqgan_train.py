@@ -241,11 +241,9 @@ def test_vqgan_shapes_benchmark_judges_a_larger_vqgan_on_the_canvas(tmp_path, mo
     shape): every number it promises comes back; with a reconstruction that returns its
     input, the judge accepts every image, so the enlargement (`shapes.from_canvas`) and
     the judging on the canvas (`shapes.to_canvas`) undo each other."""
-    import sys
-
     from dalle_mini_jax.config import VQGANConfig
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import vqgan_shapes as bench
 
     cfg = VQGANConfig(channels=8, channel_mult=(1, 1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),

@@ -163,8 +163,9 @@ def cells_config() -> VQGANTrainConfig:
     centred images; both runs `time_budget_s=1200`, so the LR decays over 20 minutes):
     - this config, 20 minutes: 11, 19, 34, 63, 89 % at steps 1,000-5,000; 5,350 steps;
       `benchmarks/vqgan_shapes.py --layout centred`: 93.9 %;
-    - filled grids (`data=shapes:inf:0:centred:grid`, `shapes.GRID_MIX`: ~3x the objects
-      a step): 17, 64, 78, 82, 87 % at the same steps, so faster early but not at the end;
+    - filled grids (`data=shapes:inf:0:centred:grid`, `shapes.GRID_MIX`: ~3.7x the
+      objects a step; measured with an earlier random stream for the grids, since
+      changed so that no other shapes stream shares it): 17, 64, 78, 82, 87 % at the same steps, so faster early but not at the end;
       5,500 steps, 92.2 % (misses: mostly a square or cross read as a circle, i.e. corners
       not yet sharp). Neither reaches the 35-minute run's 99.5 %, so that stays the recipe.
     """
