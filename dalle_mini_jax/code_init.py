@@ -2,16 +2,18 @@
 
 A fresh model's decoder token table and LM head give every image code an unrelated random
 row, so the model has to find out from scratch that, say, the 8 codes that draw a single
-red object (4 shapes x 2 sizes) have something in common. Started instead from the codes' drawings, codes that draw
-alike start alike, and "red" is one direction in the model's space from step 0.
+red object (4 shapes x 2 sizes) have something in common. Started instead from the codes'
+drawings, codes that draw alike start alike, and "red" is one direction in the model's
+space from step 0.
 
 Measured on the bundled model's recipe (BUNDLED.md; training/configs/bundled_shapes.py,
 its `init` step), over the cell VQGAN's 9 codes an image with the sixth model's captions
 (`multi_position`): validation loss 0.62 after 1,000 steps of 64 against 1.09 from the
 usual random rows, which sat on a plateau near 1.1-1.2 for 1,000 to more than 6,000
-steps depending on batch size and learning rate, and reached 0.62 only at step 3,000. On the 64 codes of single centred objects, the rows' cosine is 0.36
-within a colour against -0.06 across colours (from the VQGAN's codebook vectors
-themselves: 0.12 vs -0.02; they mostly separate sizes).
+steps depending on batch size and learning rate, and reached 0.62 only at step 3,000.
+On the 64 codes of single centred objects, the rows' cosine is 0.36 within a colour
+against -0.06 across colours (from the VQGAN's codebook vectors themselves: 0.12 vs
+-0.02; they mostly separate sizes).
 
 The rows: each code k decoded alone on a g x g grid of k (g = min(3, the token grid), so a
 code drawn among copies of itself, as decoders with 3x3 convolutions or attention expect),

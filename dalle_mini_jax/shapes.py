@@ -646,6 +646,7 @@ def relation_holds(relation: str, a: tuple[int, int], b: tuple[int, int]) -> boo
 
 
 LAYOUTS = ("free", "reading", "centred", "reading_centred")  # how `sample_scene` places objects
+_CENTRED_LAYOUTS = ("centred", "reading_centred")  # the layouts that drop the jitter
 
 
 def sample_scene(rng: np.random.Generator, spec: CaptionSpec, layout: str = "free") -> Scene:
@@ -692,7 +693,7 @@ def sample_scene(rng: np.random.Generator, spec: CaptionSpec, layout: str = "fre
     for phrase, cell in zip(phrases, cells):
         size = phrase.size or _choice(rng, SIZE_NAMES)
         jitter = tuple(int(d) for d in rng.integers(-MAX_JITTER, MAX_JITTER + 1, size=2))
-        if layout in ("centred", "reading_centred"):
+        if layout in _CENTRED_LAYOUTS:
             jitter = (0, 0)
         objects.append(SceneObject(phrase.colour, phrase.shape, size, cell, jitter))
     return Scene(tuple(objects))
@@ -740,7 +741,7 @@ def grid_scene(seed: int, index: int, layout: str = "centred") -> Scene:
         colour, shape, size = _choice(rng, COLOUR_NAMES), _choice(rng, SHAPES), _choice(rng, SIZE_NAMES)
         jitter = tuple(int(d) for d in rng.integers(-MAX_JITTER, MAX_JITTER + 1, size=2))
         objects.append(SceneObject(colour, shape, size, cell,
-                                   (0, 0) if layout.endswith("centred") else jitter))
+                                   (0, 0) if layout in _CENTRED_LAYOUTS else jitter))
     return Scene(tuple(objects))
 
 
@@ -772,9 +773,11 @@ def generate_arrays(num: int, seed: int, start: int = 0, layout: str = "free"
     return images, captions
 
 
-def _nearest_rows(out_side: int, in_side: int) -> np.ndarray:
-    """Nearest-neighbour source index of each output row/column: floor((j + 0.5) * in / out)."""
-    return ((np.arange(out_side) + 0.5) * in_side / out_side).astype(np.int64)
+def _nearest(images: np.ndarray, side: int) -> np.ndarray:
+    """Square images [..., R, R, 3] -> [..., side, side, 3] by nearest neighbour: output
+    row/column j reads input floor((j + 0.5) * R / side)."""
+    rows = ((np.arange(side) + 0.5) * images.shape[-2] / side).astype(np.int64)
+    return images[..., rows, :, :][..., :, rows, :]
 
 
 def from_canvas(images: np.ndarray, side: int) -> np.ndarray:
@@ -786,8 +789,7 @@ def from_canvas(images: np.ndarray, side: int) -> np.ndarray:
     """
     if side < CANVAS_SIZE:
         raise ValueError(f"from_canvas enlarges; side {side} < {CANVAS_SIZE}")
-    rows = _nearest_rows(side, CANVAS_SIZE)
-    return images[..., rows, :, :][..., :, rows, :]
+    return _nearest(images, side)
 
 
 def to_canvas(images: np.ndarray) -> np.ndarray:
@@ -798,8 +800,7 @@ def to_canvas(images: np.ndarray) -> np.ndarray:
     if side < CANVAS_SIZE or images.shape[-3] != side:
         raise ValueError(f"to_canvas takes square images of side >= {CANVAS_SIZE}, "
                          f"got {images.shape}")
-    rows = _nearest_rows(CANVAS_SIZE, side)
-    return images[..., rows, :, :][..., :, rows, :]
+    return _nearest(images, CANVAS_SIZE)
 
 
 def file_stem(index: int) -> str:

@@ -165,9 +165,9 @@ def cells_config() -> VQGANTrainConfig:
       `benchmarks/vqgan_shapes.py --layout centred`: 93.9 %;
     - filled grids (`data=shapes:inf:0:centred:grid`, `shapes.GRID_MIX`: ~3.7x the
       objects a step; measured with an earlier random stream for the grids, since
-      changed so that no other shapes stream shares it): 17, 64, 78, 82, 87 % at the same steps, so faster early but not at the end;
-      5,500 steps, 92.2 % (misses: mostly a square or cross read as a circle, i.e. corners
-      not yet sharp). Neither reaches the 35-minute run's 99.5 %, so that stays the recipe.
+      changed so that no other shapes stream shares it): 17, 64, 78, 82, 87 % at the same
+      steps, so faster early but not at the end; 5,500 steps, 92.2 % (misses: mostly a
+      square or cross read as a circle, i.e. corners not yet sharp). Neither reaches the 35-minute run's 99.5 %, so that stays the recipe.
     """
     base = shapes_config()
     model = base.model.replace(resolution=96, channel_mult=(1, 2, 4, 8, 8, 8), patch_codes=True,
