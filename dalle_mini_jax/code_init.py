@@ -13,7 +13,8 @@ usual random rows, which sat on a plateau near 1.1-1.2 for 1,000 to more than 6,
 steps depending on batch size and learning rate, and reached 0.62 only at step 3,000.
 On the 64 codes of single centred objects, the rows' cosine is 0.36 within a colour
 against -0.06 across colours (from the VQGAN's codebook vectors themselves: 0.12 vs
--0.02; they mostly separate sizes).
+-0.02; they mostly separate sizes): `python benchmarks/code_rows.py --vqgan
+runs/vqgan_cells/model`.
 
 The rows: each code k decoded alone on a g x g grid of k (g = min(3, the token grid), so a
 code drawn among copies of itself, as decoders with 3x3 convolutions or attention expect),

@@ -181,7 +181,7 @@ TASK_MIXES: dict[str, dict[str, float]] = {
 # caption is the fullest description, up to 9 phrases: beyond the grammar's 3, so never a
 # transformer's training set. Why: the spec's scenes hold 1.8 objects on average, so 80 %
 # of the cells a VQGAN sees are empty; a filled grid (6.75 objects) shows it ~3.7x as many
-# objects a step.
+# objects a step (`python benchmarks/code_rows.py` prints these means).
 GRID_MIX = "grid"
 P_GRID_OBJECT = 0.75
 MIXES = (*TASK_MIXES, GRID_MIX)  # what `sample`'s mix (and a shapes source's MIX) may be
