@@ -51,7 +51,8 @@ def cross_attention(pipe: DalleMini, caption: str, codes: np.ndarray) -> np.ndar
     tok = pipe.tokenizer([caption])
     ids, mask = jnp.asarray(tok["input_ids"]), jnp.asarray(tok["attention_mask"])
     layers = pipe.sampler._layers
-    enc = model.encode(ids, mask, layers=pipe.sampler._enc_layers)
+    enc = model.encode(ids, mask, layers=pipe.sampler._enc_layers,
+                       token_rows=pipe.sampler.token_rows(tok["input_ids"]))
     cache = model.init_cache(enc, mask)  # stacked [L, ...] self-attention cache: fine eagerly
     recorded: list[np.ndarray] = []
     plain = transformer.attention

@@ -4,7 +4,7 @@
     python benchmarks/load_memory.py /tmp/bench_mini/mini-model [--dtype bfloat16] [--compiled]
 
 The stages are those of `DalleMini.from_pretrained` taken apart (VQGAN decoder, DalleBart,
-the sampler's per-layer split), with glibc's `malloc_trim` after each, then two
+the sampler's per-layer split, the VQGAN decode compiled), with glibc's `malloc_trim` after each, then two
 generations. Each line: seconds since start, stage, VmRSS and VmHWM (peak) in MiB, read
 from /proc/self/status (Linux). With --compiled, then XLA's own account of the three
 compiled functions of one guided image (the sampler's start = encoder + cross K/V, its
@@ -40,6 +40,11 @@ def main(argv=None) -> int:
     p.add_argument("--compiled", action="store_true",
                    help="after the generations, print XLA's memory analysis of the compiled "
                         "start, decode loop and VQGAN decode")
+    p.add_argument("--programs", action="store_true",
+                   help="after the generations, compile the decode loop for 3 more top-k values, "
+                        "reporting RSS after each compile, after gc.collect() (the lowered module "
+                        "sits in reference cycles) and after a malloc_trim: what a compiled program "
+                        "keeps")
     args = p.parse_args(argv)
     start = time.perf_counter()
 
@@ -51,20 +56,21 @@ def main(argv=None) -> int:
     report("start")
     from dalle_mini_jax import pipeline as pl
     from dalle_mini_jax.config import DalleBartConfig
+    from dalle_mini_jax.host_memory import large_buffers_mapped, return_free_memory
     from dalle_mini_jax.text import TextTokenizer
     from dalle_mini_jax.transformer import DalleBart
 
     report("imports")
     dtype = pl.resolve_dtype(args.dtype)
     loading = contextlib.ExitStack()  # from_pretrained's allocator setting, until the split
-    loading.enter_context(pl._large_buffers_mapped())
+    loading.enter_context(large_buffers_mapped())
     config = DalleBartConfig.load(args.model_dir / "config.json")
     vqgan = pl.VQGANDecoder.from_pretrained(args.model_dir / "vqgan", dtype=dtype)
-    pl._return_free_memory()
+    return_free_memory()
     report("VQGAN decoder loaded")
-    model = DalleBart.from_pretrained(args.model_dir, dtype=dtype)
+    model, text_table = DalleBart.from_pretrained_text_table_on_host(args.model_dir, dtype=dtype)
     report("DalleBart loaded")
-    pl._return_free_memory()
+    return_free_memory()
     report("trimmed")
     if args.probe:
         import gc
@@ -80,24 +86,52 @@ def main(argv=None) -> int:
         host = np.asarray(model.dec_layers.self_attn.q[...])  # a view: no copy of the data
         report(f"host read {host.nbytes >> 20} MiB weight")
         report(f"gc.collect() freed {gc.collect()} objects")
-        pl._return_free_memory()
+        return_free_memory()
         report("trimmed")
         loading.close()
         return 0
     tokenizer = TextTokenizer.from_pretrained(args.model_dir, text_len=config.text_len,
                                               normalize=config.normalize_text)
-    pipe = pl.DalleMini(model, vqgan, tokenizer, name=args.model_dir.name, release_stacked=True)
+    pipe = pl.DalleMini(model, vqgan, tokenizer, name=args.model_dir.name, release_stacked=True,
+                        text_table=text_table)
     loading.close()
     report("layers split (enc + dec)")
-    pl._return_free_memory()
+    return_free_memory()
     report("trimmed")
+    pipe._compile_vqgan()
+    report("VQGAN decode compiled")
     for i in (1, 2):
         pipe.generate([args.prompt], num_images=1, seed=1, top_k=50, guidance=10.0, top_p=None,
                       temperature=1.0)
         report(f"generate {i}")
     if args.compiled:
         compiled_memory(pipe, args.prompt)
+    if args.programs:
+        program_memory(pipe, args.prompt, report)
     return 0
+
+
+def program_memory(pipe, prompt: str, report) -> None:
+    """RSS kept by each newly compiled decode loop (top-k 40, 30, 20: new programs)."""
+    import gc
+
+    from dalle_mini_jax import sampling
+    from dalle_mini_jax.host_memory import return_free_memory
+
+    batch = pipe._plan([prompt], 1, 1, 1.0, 50, None, 10.0, 1)[2][0]
+    ids, mask, rows, uncond_row, keys = pipe._start_inputs(batch, sampling.SamplingSettings())
+    state = pipe.sampler.start(ids, mask, rows, uncond_row)
+    gc.collect()
+    return_free_memory()
+    report("decode state, trimmed")
+    for k in (40, 30, 20):
+        settings = sampling.SamplingSettings(top_k=k, guidance=10.0)
+        pipe.sampler.lower_run(state, keys, 0, pipe.config.image_len, settings).compile()
+        report(f"decode loop top-k {k} compiled")
+        gc.collect()
+        report("  gc.collect()")
+        return_free_memory()
+        report("  trimmed")
 
 
 def compiled_memory(pipe, prompt: str) -> None:

@@ -21,7 +21,6 @@ with the batch.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -39,6 +38,7 @@ from PIL import Image
 from .checkpoint import CONFIG_NAME, MSGPACK_NAME, CheckpointError, check_tree, model_dir as _model_dir
 from .checkpoint import read_msgpack
 from .config import ConfigError, DalleBartConfig, VQGANConfig
+from .host_memory import compile_then_trim, large_buffers_mapped, return_free_memory
 from .sampling import MODEL_DEFAULT, ModelDefault, SamplingSettings, TokenSampler, image_keys
 from .transformer import DalleBart
 from .vqgan import Conv, Decoder, VectorQuantizer, released_name
@@ -271,10 +271,17 @@ class DalleMini:
     (VQGANDecoder), `tokenizer` (TextTokenizer), `config`, `name`, `mesh`, `defaults`
     (the `SamplingSettings` that `generate` uses for the arguments not given: the model
     directory's generation_config.json, else the released defaults).
+
+    A pipeline owns its model: `from_pretrained` hands the stacked layer weights to the
+    sampler (`release_stacked`) and leaves the encoder's token table in the checkpoint
+    file, memory-mapped (`text_table`; the model holds an empty placeholder, see
+    `DalleBart.from_pretrained_text_table_on_host`), so `pipe.model` can only be used
+    through the pipeline. Build one with `DalleBart.from_pretrained` for anything else.
     """
 
     def __init__(self, model: DalleBart, vqgan: VQGANDecoder, tokenizer, name: str = "model",
-                 mesh=None, release_stacked: bool = False, defaults: SamplingSettings | None = None):
+                 mesh=None, release_stacked: bool = False, defaults: SamplingSettings | None = None,
+                 text_table: np.ndarray | None = None):
         cfg = model.config
         vq = vqgan.config
         if cfg.num_image_codes > vq.codebook_size:
@@ -290,8 +297,9 @@ class DalleMini:
         self.model, self.vqgan, self.tokenizer = model, vqgan, tokenizer
         self.config, self.name, self.mesh = cfg, name, mesh
         self.defaults = SamplingSettings() if defaults is None else defaults
-        self.sampler = TokenSampler(model, mesh=mesh, release_stacked=release_stacked)
+        self.sampler = TokenSampler(model, mesh=mesh, release_stacked=release_stacked, text_table=text_table)
         self._vq_graphdef, self._vq_state = nnx.split(vqgan)
+        self._vq_compiled = False  # see _compile_vqgan
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, vqgan_dir: str | Path | None = None,
@@ -323,17 +331,18 @@ class DalleMini:
 
         tokenizer = TextTokenizer.from_pretrained(path, text_len=config.text_len,
                                                   normalize=config.normalize_text)
-        with _large_buffers_mapped():
+        with large_buffers_mapped():
             vqgan = VQGANDecoder.from_pretrained(vq_path, dtype=dtype)
-            model = DalleBart.from_pretrained(path, dtype=dtype, mesh=mesh)
+            model, text_table = DalleBart.from_pretrained_text_table_on_host(path, dtype=dtype, mesh=mesh)
             # Give the host tensors freed by loading back to the OS before the sampler
             # splits the stacked decoder into per-layer buffers (benchmarks/load_memory.py:
             # mini fp32 2.06 GB resident after the trim, 2.12 GB after the split).
-            _return_free_memory()
+            return_free_memory()
             name = "bundled" if model_dir is None else path.name
             pipe = cls(model, vqgan, tokenizer, name=name, mesh=mesh, release_stacked=True,
-                       defaults=defaults)
-        _return_free_memory()
+                       defaults=defaults, text_table=text_table)
+        return_free_memory()
+        pipe._compile_vqgan()
         return pipe
 
     # ---- generation -----------------------------------------------------------------
@@ -438,6 +447,10 @@ class DalleMini:
         codes = np.asarray(codes, np.int32)
         S = codes.shape[1]
         done = S if num_done is None else int(num_done)
+        self._compile_vqgan()
+        # Decoding a 256x256 image is generation's peak of memory: give what the decode
+        # loop freed back first, so the decode's temporaries do not stack on it.
+        return_free_memory()
         imgs = [np.asarray(_decode(self._vq_graphdef, self._vq_state, jnp.asarray(c[None]), jnp.int32(done)))[0]
                 for c in codes]
         images = np.stack(imgs) if imgs else np.zeros((0,), np.float32)
@@ -450,6 +463,20 @@ class DalleMini:
         return images
 
     # ---- internals ------------------------------------------------------------------
+    def _compile_vqgan(self) -> None:
+        """Compile the VQGAN decode of one image (once; `from_pretrained` does it at once).
+
+        Decoding a 256x256 image is generation's peak of memory, and compiling it is
+        another (~130 MB of the compiler's working memory for DALL-E Mini's VQGAN, given
+        back after, `compile_then_trim`): done right after loading, it happens with the
+        least else alive, not on top of the transformer's compiled programs and KV cache.
+        """
+        if not self._vq_compiled:
+            S = self.config.image_len
+            compile_then_trim(lambda: _decode.lower(self._vq_graphdef, self._vq_state,
+                                                    jnp.zeros((1, S), jnp.int32), jnp.int32(S)))
+            self._vq_compiled = True
+
     def _plan(self, prompts, num_images, seed, temperature, top_k, top_p, guidance, batch_size):
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts:
@@ -535,6 +562,7 @@ class DalleMini:
                         grey = [_grey(side) for _ in range(rest)]
                         yield Frame(step=pos, total=S, images=done_images + partial + grey, final=False)
                 codes = np.asarray(jax.device_get(state.tokens))
+                state = None  # the KV cache: not needed to decode (see decode_codes)
                 done_images = done_images + self._to_pil(self.decode_codes(codes), batch, settings, final=True)
                 if every is not None and bi < len(batches) - 1:
                     grey = [_grey(side) for _ in range(n_images - len(done_images))]
@@ -571,56 +599,6 @@ def _decode(graphdef, state, codes, num_done):
     """[1, S] codes -> [1, H, W, 3] pixels; cells >= num_done from the mean code."""
     v = nnx.merge(graphdef, state)
     return v.decode_latents(v.latents(codes, num_done))
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
-
-
-@contextlib.contextmanager
-def _large_buffers_mapped():
-    """While loading, glibc serves each allocation of 1 MiB or more from its own mmap.
-
-    Why: glibc's mmap threshold is dynamic. Once a mapped block is freed it rises to that
-    block's size (up to 32 MiB), and from then on tensors of that size come from the heap,
-    where freeing them keeps their pages (RSS) until a `malloc_trim`. Loading frees a
-    model's worth of host tensors and the sampler's split frees the stacked layers, so the
-    peak was one model plus that garbage. With a fixed 1 MiB threshold every freed tensor
-    goes back to the OS at once (`benchmarks/load_memory.py DIR --dtype bfloat16`, mini:
-    the peak of `from_pretrained` 1,436 -> 1,279 MiB).
-
-    Not for generation: there the same setting made each image clearly slower (every new
-    buffer is faulted in page by page; a scratch A/B, README), so on exit
-    the thresholds are fixed where the dynamic rule would have taken them (mmap 32 MiB;
-    trim twice that), and reuse from the heap is as fast as before. No-op off glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018  (glibc or not)
-    except (OSError, AttributeError):
-        yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-
-
-def _return_free_memory() -> None:
-    """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    Loading frees ~a model's worth of host tensors in pieces smaller than glibc's mmap
-    threshold; without a trim they stay counted in the process's RSS.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _grey(side: int) -> Image.Image:

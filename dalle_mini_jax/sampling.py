@@ -47,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .host_memory import compile_then_trim
 from .sharding import activate, constrain
-from .transformer import DalleBart, DecodeCache
+from .transformer import DalleBart, DecodeCache, host_rows
 
 # Defaults of the original dalle-mini inference notebook, which the released models were
 # shown with: condition scale 10, and top-k 50 (its `top_k=None` falls back to the HF
@@ -293,6 +294,7 @@ def start_state(
     rows: jax.Array,
     uncond_row: jax.Array | None,
     enc_layers: list[Any] | None = None,
+    token_rows: jax.Array | None = None,
 ) -> DecodeState:
     """Encode the distinct prompts once and build the decode state for the image rows.
 
@@ -304,12 +306,14 @@ def start_state(
       uncond_row: scalar int index of the unconditional text row, or None (unguided).
       enc_layers: the encoder layers as separate buffers (`split_encoder_layers`), or
         None for the model's stacked ones.
+      token_rows: [P, T, D] float32 token-table rows of `input_ids`, for a model whose
+        table is on the host (`DalleBart.encode`), else None.
 
     Returns:
       DecodeState with 2B rows (guided) or B rows.
     """
     cfg = model.config
-    enc = model.encode(input_ids, attention_mask, layers=enc_layers)
+    enc = model.encode(input_ids, attention_mask, layers=enc_layers, token_rows=token_rows)
     # Cross K/V once per distinct prompt, gathered to the rows afterwards: a 3x3 grid of
     # one prompt computes them for 2 text rows, not 18.
     small = model.init_cache(enc, attention_mask)
@@ -454,10 +458,10 @@ def split_encoder_layers(model: DalleBart, release_stacked: bool = False) -> lis
 # Module-level jitted functions with the model's graphdef (and the mesh, which tracing
 # reads through `activate`) as static arguments: two samplers of the same architecture
 # share their compilations.
-def _start_impl(graphdef, mesh, params, enc_layers, input_ids, attention_mask, rows, uncond_row):
+def _start_impl(graphdef, mesh, params, enc_layers, input_ids, attention_mask, rows, uncond_row, token_rows):
     TRACE_COUNTS["start"] += 1
     model = nnx.merge(graphdef, params)
-    return start_state(model, input_ids, attention_mask, rows, uncond_row, enc_layers)
+    return start_state(model, input_ids, attention_mask, rows, uncond_row, enc_layers, token_rows)
 
 
 def _run_impl(graphdef, mesh, params, layers, state, keys, begin, end, temperature, guidance, top_p, top_k):
@@ -486,26 +490,46 @@ class TokenSampler:
         `sharding.activate(mesh)` so activations follow the rule table.
       release_stacked: hand the stacked encoder and decoder weights over to the sampler
         instead of holding them twice (see `split_layers`); for a model the caller owns.
+      text_table: the encoder's token table on the host (typically a memory map of the
+        checkpoint), for a model loaded by `DalleBart.from_pretrained_text_table_on_host`;
+        each start looks up its prompts' rows there (`host_rows`). None: the model's own.
     """
 
-    def __init__(self, model: DalleBart, mesh=None, release_stacked: bool = False):
+    def __init__(self, model: DalleBart, mesh=None, release_stacked: bool = False,
+                 text_table: np.ndarray | None = None):
         self.config = model.config
         self.mesh = mesh
+        self._text_table = text_table
+        self._compiled: set[tuple] = set()  # signatures compiled ahead (`_compile_once`)
+        self._table_dtype = model.enc_embed.tokens[...].dtype  # the rows as the device table would hold them
         self._layers = split_decoder_layers(model, release_stacked=release_stacked)
         self._enc_layers = split_encoder_layers(model, release_stacked=release_stacked)
         self._graphdef, self._params = nnx.split(model)
 
     def start(self, input_ids, attention_mask, rows, uncond_row: int | None) -> DecodeState:
         """See `start_state`; inputs are host arrays."""
+        args = self._start_args(input_ids, attention_mask, rows, uncond_row)
+        self._compile_once(("start", np.shape(input_ids), np.shape(rows), uncond_row is None),
+                           lambda: _jit_start.lower(*args))
         with activate(self.mesh):
-            return _jit_start(*self._start_args(input_ids, attention_mask, rows, uncond_row))
+            return _jit_start(*args)
 
     def run(self, state: DecodeState, keys: jax.Array, begin: int, end: int,
             settings: SamplingSettings) -> DecodeState:
         """Decode steps begin..end-1 (see `decode_steps`). `state` is consumed."""
         args, top_k = self._run_args(state, keys, begin, end, settings)
+        self._compile_once(("run", state.tokens.shape, top_k, args[-2] is None, args[-1] is None),
+                           lambda: _jit_run.lower(*args, top_k=top_k))
         with activate(self.mesh):
             return _jit_run(*args, top_k=top_k)
+
+    def _compile_once(self, key: tuple, lower) -> None:
+        """On a signature's first call, compile ahead and give the compiler's memory back
+        (`compile_then_trim`); jit's cache then serves the call itself."""
+        if key not in self._compiled:
+            with activate(self.mesh):
+                compile_then_trim(lower)
+            self._compiled.add(key)
 
     def lower_start(self, input_ids, attention_mask, rows, uncond_row: int | None):
         """`start`'s compiled function for these inputs, lowered (not run): for memory
@@ -523,7 +547,15 @@ class TokenSampler:
     def _start_args(self, input_ids, attention_mask, rows, uncond_row) -> tuple:
         return (self._graphdef, self.mesh, self._params, self._enc_layers,
                 jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                jnp.asarray(rows, jnp.int32), None if uncond_row is None else jnp.int32(uncond_row))
+                jnp.asarray(rows, jnp.int32), None if uncond_row is None else jnp.int32(uncond_row),
+                self.token_rows(input_ids))
+
+    def token_rows(self, input_ids) -> jax.Array | None:
+        """[P, T, D] float32 rows of `input_ids` from the host token table, for
+        `DalleBart.encode(token_rows=)`; None when the model holds its own table."""
+        if self._text_table is None:
+            return None
+        return jnp.asarray(host_rows(self._text_table, input_ids, self._table_dtype))
 
     def _run_args(self, state, keys, begin, end, settings: SamplingSettings) -> tuple[tuple, int | None]:
         top_k = settings.top_k

@@ -242,8 +242,14 @@ def _rows16_jvp(primals, tangents):
     return _rows16(table, idx), tangents[0][idx].astype(jnp.float32)
 
 
-def _embed(cfg: DalleBartConfig, e: dict, ids: jax.Array, positions: jax.Array, dtype) -> jax.Array:
-    h = _rows(e["tokens"], ids) + _rows(e["positions"], positions)
+def _embed(cfg: DalleBartConfig, e: dict, ids: jax.Array, positions: jax.Array, dtype,
+           token_rows: jax.Array | None = None) -> jax.Array:
+    if token_rows is None:
+        if e["tokens"].shape[0] == 0:
+            raise ValueError("this model's token table was left on the host (an empty placeholder, "
+                             "see `host_rows`): pass its rows as token_rows=")
+        token_rows = _rows(e["tokens"], ids)
+    h = token_rows.astype(jnp.float32) + _rows(e["positions"], positions)
     if e.get("rows") is not None:
         # Decoder position p holds token p-1 and predicts token p: the row and column
         # are those of the token being predicted.
@@ -251,6 +257,20 @@ def _embed(cfg: DalleBartConfig, e: dict, ids: jax.Array, positions: jax.Array, 
         h = h + _rows(e["rows"], positions // g) + _rows(e["cols"], positions % g)
     h = layer_norm(h, e["norm"], cfg.layer_norm_eps).astype(dtype)
     return constrain(h, ("act_batch", "act_len", "act_embed"))
+
+
+TEXT_TABLE = "enc_embed/tokens"  # the encoder's token table, in our parameter paths
+
+
+def host_rows(table: np.ndarray, ids: np.ndarray, dtype) -> np.ndarray:
+    """table[ids] read on the host: [..., D] float32 rows, rounded to `dtype` first.
+
+    For a token table kept out of device memory (`from_released_params(on_host=...)`,
+    typically a `np.memmap` of the checkpoint: only the rows read are ever resident).
+    Equal to what the device lookup (`_rows`) gives for the same table loaded in `dtype`.
+    """
+    rows = np.asarray(table[np.asarray(ids)])
+    return rows.astype(jnp.dtype(dtype)).astype(np.float32)
 
 
 def _layer_slice(tree: Any, l: int) -> Any:
@@ -323,10 +343,13 @@ class DalleBart(nnx.Module):
         return self.decode(decoder_input_ids, enc, attention_mask)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
-               layers: list[Any] | None = None) -> jax.Array:
+               layers: list[Any] | None = None, token_rows: jax.Array | None = None) -> jax.Array:
         """[B, T] ids, [B, T] mask -> encoder output [B, T, D] (compute dtype).
 
         Args:
+          token_rows: optional [B, T, D] float32, the token-table rows of `input_ids`
+            looked up elsewhere (`host_rows`): required when the table was left on the
+            host, where the model holds an empty placeholder.
           layers: optional, the encoder layer weights as L separate pytrees (each like
             `self.enc_layers` without its [L] axis), run one after the other instead of
             a `lax.scan` over the stacked weights. Same output. Why the sampler passes
@@ -337,7 +360,7 @@ class DalleBart(nnx.Module):
         cfg = self.config
         self._check_text(input_ids, attention_mask)
         T = input_ids.shape[1]
-        h = _embed(cfg, _values(self.enc_embed), input_ids, jnp.arange(T), self.dtype)
+        h = _embed(cfg, _values(self.enc_embed), input_ids, jnp.arange(T), self.dtype, token_rows)
         mask = padding_mask(attention_mask)
         if layers is not None:
             for p in layers:
@@ -479,18 +502,44 @@ class DalleBart(nnx.Module):
             misshapen (each named with expected and found shapes).
           ConfigError: config.json asks for an option this code does not implement.
         """
+        return cls._load(path, dtype, mesh, text_table_on_host=False)[0]
+
+    @classmethod
+    def from_pretrained_text_table_on_host(cls, path: str | Path, dtype=jnp.float32,
+                                           mesh=None) -> tuple["DalleBart", np.ndarray]:
+        """`from_pretrained`, but the encoder's token table stays in the file.
+
+        Returns (model, table): the model holds an empty [0, D] placeholder for
+        `enc_embed.tokens` (so `encode` needs `token_rows=`), and `table` is a read-only
+        memory map of the checkpoint's [text_vocab_size, D] tensor, in its stored dtype
+        (`host_rows(table, ids, dtype)` gives the rows). Why: a prompt reads 64 of its
+        rows, so mapping it keeps the rest out of memory (DALL-E Mini: 206 MB in float32,
+        103 MB in bfloat16; Mega twice that). For a pipeline, which owns its model.
+        """
+        return cls._load(path, dtype, mesh, text_table_on_host=True)
+
+    @classmethod
+    def _load(cls, path, dtype, mesh, text_table_on_host: bool) -> tuple["DalleBart", np.ndarray | None]:
         path = ckpt.model_dir(path, "DalleBart model")
         config = DalleBartConfig.load(path / ckpt.CONFIG_NAME)
-        flat = ckpt.read_msgpack(path / ckpt.MSGPACK_NAME, dtype=jnp.dtype(dtype))
+        table = released_names(config)[TEXT_TABLE]
+        flat = ckpt.read_msgpack(path / ckpt.MSGPACK_NAME, dtype=jnp.dtype(dtype),
+                                 mapped=(table,) if text_table_on_host else ())
         flat = stack_unscanned(flat, config)
-        return cls.from_released_params(config, flat, dtype=dtype, mesh=mesh, source=str(path / ckpt.MSGPACK_NAME))
+        model = cls.from_released_params(config, flat, dtype=dtype, mesh=mesh, source=str(path / ckpt.MSGPACK_NAME),
+                                         on_host=(TEXT_TABLE,) if text_table_on_host else ())
+        return model, flat.pop(table) if text_table_on_host else None
 
     @classmethod
     def from_released_params(cls, config: DalleBartConfig, flat: dict[str, np.ndarray], dtype=jnp.float32,
-                             mesh=None, source: str = "params") -> "DalleBart":
+                             mesh=None, source: str = "params",
+                             on_host: tuple[str, ...] = ()) -> "DalleBart":
         """Build a model from a flat released parameter tree (`{"model/encoder/...": array}`).
 
-        `flat` is consumed: its arrays are moved to the device one by one.
+        `flat` is consumed: its arrays are moved to the device one by one, except those
+        named in `on_host` (our paths, e.g. `TEXT_TABLE`): checked like the rest, then
+        left in `flat` for the caller, the model holding an empty [0, ...] placeholder
+        in their place (see `encode(token_rows=)`).
         """
         abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
         graphdef, state = nnx.split(abstract)
@@ -500,7 +549,13 @@ class DalleBart(nnx.Module):
         ckpt.check_tree(flat, expected, source)
         shardings = None if mesh is None else ckpt.flatten(nnx.to_pure_dict(state_shardings(state, mesh)))
         values = {}
+        for ours in on_host:
+            shape = (0,) + expected[names[ours]][1:]
+            values[ours] = jax.device_put(np.zeros(shape, jnp.dtype(dtype)),
+                                          None if shardings is None else shardings[ours])
         for ours, released in names.items():
+            if ours in on_host:
+                continue
             # pop: each numpy tensor is freed once it is on the device, so the peak is
             # one model copy plus one tensor, not two model copies.
             arr = np.asarray(flat.pop(released))

@@ -116,7 +116,10 @@ class Conv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, in] -> [B, H', W', out] in the compute dtype."""
         x = x.astype(self.dtype)
-        kernel = self.kernel[...].astype(self.dtype)
+        kernel = self.kernel[...]
+        if kernel.dtype.itemsize == 2:
+            kernel = _after(kernel, x)
+        kernel = kernel.astype(self.dtype)
         if kernel.shape[:2] == (1, 1) and self.stride == 1:
             # A 1x1 conv is a matmul over channels; XLA:CPU runs a dot faster than a conv.
             y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
@@ -129,6 +132,21 @@ class Conv(nnx.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
         return y + self.bias[...].astype(self.dtype)
+
+
+def _after(w: jax.Array, x: jax.Array) -> jax.Array:
+    """`w` unchanged, but computed from `x`, so XLA cannot widen it before `x` exists.
+
+    Why: XLA:CPU runs a 16-bit convolution in float32, and schedules the widening of
+    every weight at the start of the program, where all the float32 copies are alive at
+    once: the f16 VQGAN decoder in bfloat16 had 170 MiB of temporaries against 96 MiB in
+    float32, the peak of generating (`benchmarks/load_memory.py DIR --dtype bfloat16
+    --compiled`; `jax.lax.optimization_barrier` is removed before scheduling, so it does
+    not help). A select on `x`'s first element (true unless it is NaN, when the output is
+    NaN anyway) ties each weight's widening to its layer: 96 MiB in bfloat16 too.
+    """
+    x0 = x[(0,) * x.ndim]
+    return jnp.where(x0 == x0, w, jnp.zeros_like(w))
 
 
 class GroupNorm(nnx.Module):

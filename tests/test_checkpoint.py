@@ -330,3 +330,19 @@ def test_write_is_atomic(params, tmp_path, monkeypatch):
         ckpt.write_msgpack(path, params)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.MSGPACK_NAME]
+
+
+def test_read_msgpack_maps_the_tensors_it_is_told_to(tmp_path):
+    """`mapped` tensors come back as read-only maps of the file in their stored dtype
+    (only the rows read are ever resident); the rest are read and cast as usual."""
+    flat = {"enc/table": np.arange(24, dtype=np.float32).reshape(6, 4), "enc/b": np.ones(3, np.float32),
+            "empty": np.zeros((0, 4), np.float32)}
+    ckpt.write_msgpack(tmp_path / "m.msgpack", flat)
+    got = ckpt.read_msgpack(tmp_path / "m.msgpack", dtype=ml_dtypes.bfloat16, mapped=("enc/table", "empty"))
+    table = got["enc/table"]
+    assert isinstance(table, np.memmap) and table.dtype == np.float32 and not table.flags.writeable
+    np.testing.assert_array_equal(table, flat["enc/table"])
+    np.testing.assert_array_equal(table[[5, 0]], flat["enc/table"][[5, 0]])
+    assert got["empty"].shape == (0, 4)
+    assert not isinstance(got["enc/b"], np.memmap) and got["enc/b"].dtype == ml_dtypes.bfloat16
+    assert set(got) == set(flat)

@@ -105,6 +105,29 @@ def test_bfloat16_load(tiny_model_dir):  # noqa: F811
     assert p.sampler._layers[0]["mlp"]["wi_gate"].dtype == jnp.bfloat16
 
 
+def test_text_table_stays_in_the_checkpoint_file(tiny_model_dir, pipe):  # noqa: F811
+    """`from_pretrained` maps the encoder's token table from the file instead of loading it
+    (a prompt reads T of its rows): same codes as a pipeline over the fully loaded model,
+    in float32 and bfloat16; the model alone cannot encode without the rows."""
+    from dalle_mini_jax.config import DalleBartConfig
+    from dalle_mini_jax.pipeline import VQGANDecoder, resolve_vqgan_dir
+    from dalle_mini_jax.transformer import DalleBart
+
+    assert pipe.model.enc_embed.tokens[...].shape == (0, pipe.config.embed_dim)
+    assert isinstance(pipe.sampler._text_table, np.memmap)
+    vq_dir = resolve_vqgan_dir(tiny_model_dir, DalleBartConfig.load(tiny_model_dir / "config.json"), None)
+    for dtype in ("float32", "bfloat16"):
+        mapped = pipe if dtype == "float32" else DalleMini.from_pretrained(tiny_model_dir, dtype=dtype)
+        full = DalleMini(DalleBart.from_pretrained(tiny_model_dir, dtype=resolve_dtype(dtype)),
+                         VQGANDecoder.from_pretrained(vq_dir, dtype=resolve_dtype(dtype)), pipe.tokenizer)
+        assert full.model.enc_embed.tokens[...].shape[0] == pipe.config.text_vocab_size
+        np.testing.assert_array_equal(mapped.generate_codes(PROMPTS, num_images=2, seed=4),
+                                      full.generate_codes(PROMPTS, num_images=2, seed=4))
+    tok = pipe.tokenizer(PROMPTS)
+    with pytest.raises(ValueError, match="token_rows"):
+        pipe.model.encode(tok["input_ids"], tok["attention_mask"])
+
+
 def test_errors(tmp_path, pipe):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         DalleMini.from_pretrained(tmp_path / "nope")

@@ -1,0 +1,85 @@
+"""The process's own memory on the host: what glibc keeps after XLA and the loader free.
+
+On a CPU the "device" memory is the process's heap, and freed memory stays counted in
+its resident set (RSS) until glibc gives it back. Generation frees a lot at a few known
+points (loading's host tensors, the sampler's stacked weights, the compiler's working
+memory, the decode loop's KV cache), and its peak was that garbage stacked under the
+next allocation. These helpers give it back; all are no-ops off glibc (macOS, musl).
+`benchmarks/load_memory.py` shows the effect stage by stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Any, Callable
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
+
+
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018  (glibc or not)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def large_buffers_mapped():
+    """While loading, glibc serves each allocation of 1 MiB or more from its own mmap.
+
+    Why: glibc's mmap threshold is dynamic. Once a mapped block is freed it rises to that
+    block's size (up to 32 MiB), and from then on tensors of that size come from the heap,
+    where freeing them keeps their pages (RSS) until a `malloc_trim`. Loading frees a
+    model's worth of host tensors and the sampler's split frees the stacked layers, so the
+    peak was one model plus that garbage. With a fixed 1 MiB threshold every freed tensor
+    goes back to the OS at once (`benchmarks/load_memory.py DIR --dtype bfloat16`, mini:
+    the peak of `from_pretrained` 1,436 -> 1,279 MiB).
+
+    Not for generation: there the same setting made each image clearly slower (every new
+    buffer is faulted in page by page; a scratch A/B, README), so on exit
+    the thresholds are fixed where the dynamic rule would have taken them (mmap 32 MiB;
+    trim twice that), and reuse from the heap is as fast as before.
+    """
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+def return_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`).
+
+    Loading frees ~a model's worth of host tensors in pieces smaller than glibc's mmap
+    threshold; without a trim they stay counted in the process's RSS.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def compile_then_trim(lower: Callable[[], Any]) -> None:
+    """Compile a jitted function ahead of its first run, then `return_free_memory`.
+
+    `lower` returns the function lowered for the arguments of the coming call
+    (`jitted.lower(*args)`); compiling it fills jit's own caches, so the call that
+    follows neither traces nor compiles again. Why: XLA's compiler frees its working
+    memory into the heap (DALL-E Mini's decode loop: +145-175 MiB while compiling,
+    28-40 MiB kept after the trim, `benchmarks/load_memory.py DIR --programs`), and a
+    program's temporaries (one block each, mapped fresh when over 32 MiB) do not reuse
+    it, so without the trim the first run of a big program stacked its temporaries on
+    the compiler's garbage.
+    """
+    lower().compile()
+    gc.collect()  # whatever the lowering left in reference cycles; cheap next to a compile
+    return_free_memory()
