@@ -467,9 +467,9 @@ class DalleMini:
         """Compile the VQGAN decode of one image (once; `from_pretrained` does it at once).
 
         Decoding a 256x256 image is generation's peak of memory, and compiling it is
-        another (~130 MB of the compiler's working memory for DALL-E Mini's VQGAN, given
-        back after, `compile_then_trim`): done right after loading, it happens with the
-        least else alive, not on top of the transformer's compiled programs and KV cache.
+        another (the compiler's working memory, given back after, `compile_then_trim`):
+        done right after loading, it happens with the least else alive, not on top of the
+        transformer's compiled programs and KV cache.
         """
         if not self._vq_compiled:
             S = self.config.image_len
