@@ -74,7 +74,7 @@ def compile_then_trim(lower: Callable[[], Any]) -> None:
     `lower` returns the function lowered for the arguments of the coming call
     (`jitted.lower(*args)`); compiling it fills jit's own caches, so the call that
     follows neither traces nor compiles again. Why: XLA's compiler frees its working
-    memory into the heap (DALL-E Mini's decode loop: +145-175 MiB while compiling,
+    memory into the heap (DALL-E Mini's decode loop: +100-147 MiB while compiling,
     28-40 MiB kept after the trim, `benchmarks/load_memory.py DIR --programs`), and a
     program's temporaries (one block each, mapped fresh when over 32 MiB) do not reuse
     it, so without the trim the first run of a big program stacked its temporaries on
