@@ -42,9 +42,8 @@ def main(argv=None) -> int:
                         "start, decode loop and VQGAN decode")
     p.add_argument("--programs", action="store_true",
                    help="after the generations, compile the decode loop for 3 more top-k values, "
-                        "reporting RSS after each compile, after gc.collect() (the lowered module "
-                        "sits in reference cycles) and after a malloc_trim: what a compiled program "
-                        "keeps")
+                        "reporting RSS after each compile, after gc.collect() and after a malloc_trim "
+                        "(as host_memory.compile_then_trim does): what a compiled program keeps")
     args = p.parse_args(argv)
     start = time.perf_counter()
 

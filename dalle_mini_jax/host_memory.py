@@ -11,12 +11,14 @@ next allocation. These helpers give it back; all are no-ops off glibc (macOS, mu
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from typing import Any, Callable
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
 
 
+@functools.cache  # looked up once: return_free_memory runs before every VQGAN decode
 def _libc():
     try:
         import ctypes

@@ -518,7 +518,7 @@ class TokenSampler:
             settings: SamplingSettings) -> DecodeState:
         """Decode steps begin..end-1 (see `decode_steps`). `state` is consumed."""
         args, top_k = self._run_args(state, keys, begin, end, settings)
-        self._compile_once(("run", state.tokens.shape, top_k, args[-2] is None, args[-1] is None),
+        self._compile_once(("run", state.tokens.shape, top_k, settings.guided, settings.uses_top_p),
                            lambda: _jit_run.lower(*args, top_k=top_k))
         with activate(self.mesh):
             return _jit_run(*args, top_k=top_k)
