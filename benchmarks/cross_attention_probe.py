@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_mini_jax import shapes, transformer
-from dalle_mini_jax.attention import attention_weights
+from dalle_mini_jax.attention import attend_one_weights
 from dalle_mini_jax.pipeline import BUNDLED_MODEL_DIR, DalleMini
 from dalle_mini_jax.vqgan import VQModel
 
@@ -55,15 +55,14 @@ def cross_attention(pipe: DalleMini, caption: str, codes: np.ndarray) -> np.ndar
                        token_rows=pipe.sampler.token_rows(tok["input_ids"]))
     cache = model.init_cache(enc, mask)  # stacked [L, ...] self-attention cache: fine eagerly
     recorded: list[np.ndarray] = []
-    plain = transformer.attention
+    plain = transformer.attend_one
 
-    def recording(q, k, v, m):  # cross-attention is the one with a single query
-        if q.shape[1] == 1:
-            recorded.append(np.asarray(attention_weights(q, k, m))[0, :, 0].mean(0))
-        return plain(q, k, v, m)
+    def recording(q, k, v, valid):  # a decode step's cross-attention (self: attend_cache)
+        recorded.append(np.asarray(attend_one_weights(q, k, valid))[0].mean(0))
+        return plain(q, k, v, valid)
 
     fed = np.concatenate([[cfg.bos_token_id], codes[:-1]])  # step p feeds token p-1
-    with mock.patch.object(transformer, "attention", recording):
+    with mock.patch.object(transformer, "attend_one", recording):
         for p, token in enumerate(fed):
             _, cache = model.decode_step(jnp.asarray([token], jnp.int32), jnp.int32(p), cache, layers)
     return np.stack(recorded).reshape(len(fed), cfg.num_decoder_layers, -1)

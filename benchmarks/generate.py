@@ -7,7 +7,8 @@
 What it does, in one run:
   1. writes a random model directory of the preset's shape (released format: transformer
      + tokenizer trained on a few captions + VQGAN) into a temp dir (`--workdir` to keep it);
-  2. measures the machine's memory read bandwidth (numpy sum over a 1 GiB array, median);
+  2. measures the machine's memory read bandwidth (numpy sums over a 1 GiB array, one
+     thread per core, median; `memory_bandwidth`);
   3. runs each configuration in its own subprocess, so each peak RSS is its own
      (VmHWM of that process, loading included):
        ours1: ours 1 image, oursgrid: ours 3x3 grid (one batch of 9),
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -91,17 +93,35 @@ def write_model_dir(preset: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    """Bytes/s of a numpy sum over a `gib` GiB float32 array (median of `repeats`)."""
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 7, threads: int | None = None) -> float:
+    """Bytes/s of numpy sums over a `gib` GiB float32 array, read by `threads` threads at
+    once, one slice each (default: one per core; median of `repeats`).
+
+    All cores, because a decode step reads its weights from all of them (the sampler
+    cuts every kernel in one part per core, `transformer.OutMajor`); numpy's sum runs on
+    one thread and releases the GIL, and one thread alone reads about half of what two
+    do on the project's 2-core machine (16.0 vs 32.9 GB/s), so a one-thread figure
+    would put the floor twice too high.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
+    threads = threads or cpu_cores()
     a = np.ones(int(gib * 2**30) // 4, np.float32)
-    a.sum()
+    slices = np.array_split(a, threads)
     times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.sum, slices))
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.sum, slices))
+            times.append(time.perf_counter() - t)
     return a.nbytes / statistics.median(times)
 
 
@@ -256,7 +276,7 @@ def summarize(args, r: dict, bw: float, step_bytes: int, md_runs: int) -> dict:
     nominal = {k: args.dtype if kind == "ours" else "float32" for k, kind, _ in CONFIGS}
     summary = dict(
         preset=args.preset, dtype=args.dtype, runs=args.runs, md_runs=md_runs, ran=[k for k, _, _ in CONFIGS if k in r],
-        bandwidth_gb_s=bw / 1e9, step_bytes_mb=step_bytes / 1e6, floor_step_ms=floor_ms,
+        bandwidth_gb_s=bw / 1e9, bandwidth_threads=cpu_cores(), step_bytes_mb=step_bytes / 1e6, floor_step_ms=floor_ms,
         step_ms=g("ours1", "step_ms"), grid_step_ms=g("oursgrid", "step_ms"),
         ours_1_s=g("ours1", "total_s"), ours_grid_s=g("oursgrid", "total_s"),
         min_dalle_1_s=g("md1", "total_s"), min_dalle_grid_s=g("mdgrid", "total_s"),

@@ -22,10 +22,13 @@ from (seed, prompt text, index of the image for that prompt) — see its docstri
 
 The loop. `TokenSampler.start` encodes the prompts once, computes the
 cross-attention keys/values once per distinct prompt (they are then gathered to the
-batch rows) and preallocates the self-attention cache as L buffers [rows, S, H, K].
+batch rows) and preallocates the self-attention cache as L buffers [rows, H, S, K].
 The decoder weights a step reads are passed as separate per-layer buffers too
 (`split_decoder_layers`): XLA:CPU copies a slice of a stacked weight or cache before
-using it, which would triple the memory traffic of a bandwidth-bound step.
+using it, which would triple the memory traffic of a bandwidth-bound step. Each
+dense kernel is held [out, in] and cut in one part per CPU core (`OutMajor`,
+`kernel_parts`): the layout and the concurrency XLA:CPU multiplies a few rows fastest
+with.
 `TokenSampler.run(state, start, stop)` runs decode steps start..stop-1 as one
 `lax.fori_loop` inside one jitted call, with the state donated so the cache is
 updated in place. Step bounds are traced values, so a full 256-step run and a run in
@@ -38,7 +41,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import functools
 import numbers
+import os
 import zlib
 from typing import Any, Sequence
 
@@ -49,7 +54,7 @@ from flax import nnx
 
 from .host_memory import compile_then_trim
 from .sharding import activate, constrain
-from .transformer import DalleBart, DecodeCache, host_rows
+from .transformer import CACHE_AXES, DalleBart, DecodeCache, OutMajor, host_rows
 
 # Defaults of the original dalle-mini inference notebook, which the released models were
 # shown with: condition scale 10, and top-k 50 (its `top_k=None` falls back to the HF
@@ -284,9 +289,6 @@ class DecodeState:
     last: jax.Array
 
 
-_CACHE_NAMES = (None, "act_batch", "act_len", "act_heads", "act_kv")
-
-
 def start_state(
     model: DalleBart,
     input_ids: jax.Array,
@@ -320,14 +322,16 @@ def start_state(
     B = rows.shape[0]
     sel = rows if uncond_row is None else jnp.concatenate([rows, jnp.full((B,), uncond_row, rows.dtype)])
     L, R, S, H, K = cfg.num_decoder_layers, sel.shape[0], cfg.image_len, cfg.num_heads, cfg.head_dim
-    # Self-attention cache as L separate buffers: XLA:CPU updates those in place, while
-    # a stacked [L, ...] cache gets copied every step (see DalleBart.decode_step).
-    zeros = lambda: constrain(jnp.zeros((R, S, H, K), small.self_k.dtype), _CACHE_NAMES[1:])  # noqa: E731
+    # Every cache as L separate buffers: XLA:CPU updates those in place, while a
+    # stacked [L, ...] cache gets copied every step (see DalleBart.decode_step), and
+    # reading layer l of a stacked cross cache copies that slice every step.
+    names = CACHE_AXES[1:]
+    zeros = lambda: constrain(jnp.zeros((R, H, S, K), small.self_k.dtype), names)  # noqa: E731
     cache = DecodeCache(
         self_k=[zeros() for _ in range(L)],
         self_v=[zeros() for _ in range(L)],
-        cross_k=constrain(small.cross_k[:, sel], _CACHE_NAMES),
-        cross_v=constrain(small.cross_v[:, sel], _CACHE_NAMES),
+        cross_k=[constrain(small.cross_k[l, sel], names) for l in range(L)],
+        cross_v=[constrain(small.cross_v[l, sel], names) for l in range(L)],
         enc_mask=small.enc_mask[sel],
     )
     return DecodeState(
@@ -387,14 +391,31 @@ def decode_steps(
 _NOT_PER_STEP = ("cross_attn/k", "cross_attn/v")
 
 
-@jax.jit
-def _unstack(x: jax.Array) -> tuple[jax.Array, ...]:
-    """[L, ...] -> L arrays [...] (new buffers)."""
-    return tuple(x[l] for l in range(x.shape[0]))
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(x: jax.Array, parts: int = 0) -> tuple:
+    """[L, ...] -> L arrays [...] (new buffers). With parts > 0, x is [L, in, out] and
+    each layer comes as `parts` arrays [out_i, in] (`OutMajor.parts`)."""
+    if not parts:
+        return tuple(x[l] for l in range(x.shape[0]))
+    e = [x.shape[2] * i // parts for i in range(parts + 1)]
+    return tuple(tuple(x[l, :, e[i]:e[i + 1]].T for i in range(parts)) for l in range(x.shape[0]))
+
+
+def kernel_parts(mesh=None) -> int:
+    """How many parts the sampler cuts each decoder kernel in (`OutMajor`).
+
+    On a CPU without a mesh, one per core the process may use (XLA:CPU runs each
+    small dot on one thread, independent dots at once; measured on 2 cores only, so
+    capped at 8); otherwise 1 (a mesh already spreads each dot over its devices).
+    """
+    if mesh is not None or jax.default_backend() != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
 
 
 def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
-                 release_stacked: bool = False) -> list[dict]:
+                 release_stacked: bool = False, out_major_parts: int = 0) -> list[dict]:
     """A stack of layers' weights as L separate pytrees of separate buffers.
 
     Args:
@@ -404,6 +425,8 @@ def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
       skip: param paths ("cross_attn/k") left out.
       release_stacked: free each stacked array once it is split (so the weights are
         held once), replacing it in the module by an empty placeholder.
+      out_major_parts: if > 0, hold each dense kernel ([L, in, out]) as an `OutMajor`
+        of that many [out_i, in] buffers, the layout a decode step multiplies fastest.
 
     Returns:
       [L] nested dicts like `_values(stack)` without the layer axis and without `skip`.
@@ -416,7 +439,10 @@ def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
         if key in skip:
             continue
         x = var[...]
-        parts = _unstack(x)  # each part keeps the stack's sharding minus the layer axis
+        cut = out_major_parts if x.ndim == 3 else 0
+        parts = _unstack(x, cut)  # each part keeps the stack's sharding minus the layer axis
+        if cut:
+            parts = tuple(OutMajor(p) for p in parts)
         for l in range(num_layers):
             node = per_layer[l]
             *parents, leaf = key.split("/")
@@ -432,7 +458,7 @@ def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
     return per_layer
 
 
-def split_decoder_layers(model: DalleBart, release_stacked: bool = False) -> list[dict]:
+def split_decoder_layers(model: DalleBart, release_stacked: bool = False, parts: int = 1) -> list[dict]:
     """The decoder layers' per-step weights as L separate pytrees of separate buffers.
 
     Args:
@@ -440,13 +466,15 @@ def split_decoder_layers(model: DalleBart, release_stacked: bool = False) -> lis
       release_stacked: free the stacked weights once split (`split_layers`). The model
         can then still `encode`, `init_cache` and `decode_step(..., layers=...)`, but not
         run its full-sequence `decode`: only for a model owned by a pipeline.
+      parts: each dense kernel is held as an `OutMajor` of this many parts
+        (`kernel_parts`).
 
     Returns:
       [L] nested dicts like `_values(model.dec_layers)` without the layer axis and
-      without the cross-attention k/v kernels.
+      without the cross-attention k/v kernels, each dense kernel an `OutMajor`.
     """
     return split_layers(model.dec_layers, model.config.num_decoder_layers, _NOT_PER_STEP,
-                        release_stacked)
+                        release_stacked, out_major_parts=parts)
 
 
 def split_encoder_layers(model: DalleBart, release_stacked: bool = False) -> list[dict]:
@@ -502,7 +530,7 @@ class TokenSampler:
         self._text_table = text_table
         self._compiled: set[tuple] = set()  # signatures compiled ahead (`_compile_once`)
         self._table_dtype = model.enc_embed.tokens[...].dtype  # the rows as the device table would hold them
-        self._layers = split_decoder_layers(model, release_stacked=release_stacked)
+        self._layers = split_decoder_layers(model, release_stacked=release_stacked, parts=kernel_parts(mesh))
         self._enc_layers = split_encoder_layers(model, release_stacked=release_stacked)
         self._graphdef, self._params = nnx.split(model)
 

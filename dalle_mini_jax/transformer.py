@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from . import checkpoint as ckpt
-from .attention import attend_cache, attention, cached_attention, causal_mask, padding_mask
+from .attention import attend_cache, attend_one, attention, causal_mask, padding_mask
 from .config import DalleBartConfig
 from .sharding import constrain, param, state_shardings
 
@@ -141,8 +141,32 @@ def _values(module: nnx.Module | None) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def _dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OutMajor:
+    """A dense kernel held transposed and cut along its outputs, for decode steps.
+
+    `parts[i]` is [out_i, in], the model's [in, out] kernel's columns e_i..e_{i+1}
+    transposed; `_dense` computes x @ W as the parts' W_i @ x^T, concatenated.
+
+    Why, for the few rows of a decode step (2 for one guided image, 18 for a 3x3
+    grid), on XLA:CPU: (1) an [out, in] kernel multiplies faster than [in, out] when
+    there are many rows; (2) XLA:CPU runs each small dot on one thread, while
+    independent dots run at once on different threads, so a kernel cut in as many
+    parts as the CPU has cores is read by all of them. `python
+    benchmarks/decode_step.py DIR` (random DALL-E Mini, fp32, 2-core CPU, 2026-12-02):
+    one image 56.0 ms a step as [in, out], 60.7 as one [out, in] part, 46.0 in 2 parts
+    (1.22x); a 3x3 grid 171.7, 130.7, 119.2 (1.44x). Same values up to summation order.
+    """
+
+    parts: tuple[jax.Array, ...]
+
+
+def _dense(spec: str, x: jax.Array, w: jax.Array | OutMajor) -> jax.Array:
     """einsum(spec, x, w) in x's dtype, accumulated in float32.
+
+    `spec` contracts x's last axis with w's first; with `w` an `OutMajor` the same
+    product is taken part by part (see there), and spec only documents it.
 
     Why float32 accumulation: with bfloat16 weights and activations, a bf16-output dot
     is one XLA:CPU cannot run natively; it widens both operands to float32, and inside
@@ -151,6 +175,11 @@ def _dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     f32 dot runs as it is. (With `_rows` and `encode(layers=)`: DALL-E Mini's bf16 peak
     RSS 1.73 GB, was 2.30.) For float32 weights nothing changes.
     """
+    if isinstance(w, OutMajor):
+        rows = x.reshape(-1, x.shape[-1])
+        y = jnp.concatenate([jnp.einsum("ok,mk->om", t.astype(x.dtype), rows, preferred_element_type=jnp.float32)
+                             for t in w.parts])
+        return y.T.reshape(x.shape[:-1] + (y.shape[0],)).astype(x.dtype)
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -197,18 +226,20 @@ def _decoder_layer(
     p: dict,
     h: jax.Array,
     self_attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
-    cross_k: jax.Array,
-    cross_v: jax.Array,
-    enc_mask: jax.Array,
+    cross_attend: Callable[[jax.Array], jax.Array],
 ) -> jax.Array:
-    """One decoder layer on [B, N, D]; `self_attend(q, k, v)` hides full vs cached attention."""
+    """One decoder layer on [B, N, D].
+
+    `self_attend(q, k, v)` and `cross_attend(q)` (q, k, v: [B, N, H, K]) hide full
+    versus cached attention; the cross-attention keys/values live in the closure.
+    """
     H, eps = cfg.num_heads, cfg.layer_norm_eps
     a, c = p["self_attn"], p["cross_attn"]
     x = layer_norm(h, p["self_pre"], eps)
     y = self_attend(_proj(x, a["q"], H), _proj(x, a["k"], H), _proj(x, a["v"], H))
     h = h + _post(p, "self_post", _merge(y, a["o"]), eps)
     x = layer_norm(h, p["cross_pre"], eps)
-    y = attention(_proj(x, c["q"], H), cross_k, cross_v, enc_mask)
+    y = cross_attend(_proj(x, c["q"], H))
     h = h + _post(p, "cross_post", _merge(y, c["o"]), eps)
     h = h + _mlp(cfg, p["mlp"], h)
     return constrain(h, ("act_batch", "act_len", "act_embed"))
@@ -282,15 +313,21 @@ def _layer_slice(tree: Any, l: int) -> Any:
 # --------------------------------------------------------------------------------------
 
 
+# Logical axes of a decode cache's [L, B, H, S, K] arrays (`DecodeCache`).
+CACHE_AXES = (None, "act_batch", "act_heads", "act_len", "act_kv")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeCache:
     """Everything the one-token decode step needs besides the weights.
 
     Attributes:
-      self_k, self_v: [L, B, S, H, K] keys/values of the tokens decoded so far, or a
-        list of L [B, S, H, K] arrays (separate buffers, which XLA updates in place).
-      cross_k, cross_v: [L, B, T, H, K] encoder keys/values, computed once per prompt.
+      self_k, self_v: [L, B, H, S, K] keys/values of the tokens decoded so far, or a
+        list of L [B, H, S, K] arrays (separate buffers, which XLA updates in place).
+        Heads before positions: the layout `attention.attend_one` reads in place.
+      cross_k, cross_v: [L, B, H, T, K] encoder keys/values, computed once per prompt,
+        or a list of L [B, H, T, K] arrays.
       enc_mask: [B, 1, 1, T] encoder padding mask.
     """
 
@@ -388,7 +425,8 @@ class DalleBart(nnx.Module):
             c = p["cross_attn"]
             ck, cv = _proj(enc, c["k"], H), _proj(enc, c["v"], H)
             attend = lambda q, k, v: attention(q, k, v, mask)  # noqa: E731
-            return _decoder_layer(cfg, p, h, attend, ck, cv, enc_mask), None
+            cross = lambda q: attention(q, ck, cv, enc_mask)  # noqa: E731
+            return _decoder_layer(cfg, p, h, attend, cross), None
 
         h, _ = jax.lax.scan(self._maybe_remat(body), h, _values(self.dec_layers))
         return self._logits(self._final(h, self.dec_final))
@@ -405,10 +443,10 @@ class DalleBart(nnx.Module):
         B, T, _ = enc.shape
         L, H, K, S = cfg.num_decoder_layers, cfg.num_heads, cfg.head_dim, cfg.image_len
         cross = _values(self.dec_layers)["cross_attn"]
-        ck = _dense("btd,lde->lbte", enc, cross["k"]).reshape(L, B, T, H, K)
-        cv = _dense("btd,lde->lbte", enc, cross["v"]).reshape(L, B, T, H, K)
-        zeros = jnp.zeros((L, B, S, H, K), self.dtype)
-        names = (None, "act_batch", "act_len", "act_heads", "act_kv")
+        ck = _dense("btd,lde->lbte", enc, cross["k"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
+        cv = _dense("btd,lde->lbte", enc, cross["v"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
+        zeros = jnp.zeros((L, B, H, S, K), self.dtype)
+        names = CACHE_AXES
         return DecodeCache(
             self_k=constrain(zeros, names),
             self_v=constrain(zeros, names),
@@ -445,22 +483,27 @@ class DalleBart(nnx.Module):
         per_layer = isinstance(cache.self_k, (list, tuple))
         self_k = list(cache.self_k) if per_layer else cache.self_k
         self_v = list(cache.self_v) if per_layer else cache.self_v
+        enc_valid = cache.enc_mask[:, 0, 0, :]  # [B, T]
         for l in range(cfg.num_decoder_layers):
 
             def attend(q, k, v, l=l):
                 nonlocal self_k, self_v
+                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, 1, K]
                 if per_layer:
-                    at = (0, position, 0, 0)
+                    at = (0, 0, position, 0)
                     self_k[l] = jax.lax.dynamic_update_slice(self_k[l], k.astype(self_k[l].dtype), at)
                     self_v[l] = jax.lax.dynamic_update_slice(self_v[l], v.astype(self_v[l].dtype), at)
                 else:
-                    at = (l, 0, position, 0, 0)
+                    at = (l, 0, 0, position, 0)
                     self_k = jax.lax.dynamic_update_slice(self_k, k[None].astype(self_k.dtype), at)
                     self_v = jax.lax.dynamic_update_slice(self_v, v[None].astype(self_v.dtype), at)
                 return attend_cache(q[:, 0], self_k[l], self_v[l], position)[:, None]
 
+            def cross(q, l=l):
+                return attend_one(q[:, 0], cache.cross_k[l], cache.cross_v[l], enc_valid)[:, None]
+
             p = _layer_slice(stacked, l) if layers is None else layers[l]
-            h = _decoder_layer(cfg, p, h, attend, cache.cross_k[l], cache.cross_v[l], cache.enc_mask)
+            h = _decoder_layer(cfg, p, h, attend, cross)
         logits = self._logits(self._final(h, self.dec_final))[:, 0]
         cache = dataclasses.replace(cache, self_k=self_k, self_v=self_v)
         return logits, cache

@@ -266,6 +266,7 @@ def test_bfloat16_sampling_holds_no_float32_copy_of_a_weight(tiny):
                                       param_dtype=jnp.bfloat16))()
     shapes = {x.shape for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2}
     shapes |= {s[1:] for s in shapes if len(s) == 3}  # per-layer slices of the stacks
+    shapes |= {s[:0:-1] for s in shapes if len(s) == 3}  # and those held [out, in] (OutMajor)
     # The encoder reads every row of its position table: those rows, widened, are an
     # activation [T, D], not a copy.
     shapes -= {(cfg.text_len, cfg.embed_dim)}

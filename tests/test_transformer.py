@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from dalle_mini_jax import checkpoint as ckpt
 from dalle_mini_jax.config import ConfigError, DalleBartConfig, transformer_preset
+from dalle_mini_jax.sampling import split_decoder_layers
 from dalle_mini_jax.sharding import activate, make_mesh
 from dalle_mini_jax.transformer import DalleBart, count_params, released_names
 
@@ -69,8 +70,9 @@ def full_and_cached(model: DalleBart, ids, mask, dec_ids, per_layer: bool = Fals
     """Teacher-forced logits [B, S, V], and the same from S cached decode steps.
 
     The cached run uses the stacked [L, ...] cache of `init_cache`; with `per_layer` it
-    also runs the layout the sampler uses: a list of L cache buffers and L separate
-    layer weight trees (`decode_step(..., layers=...)`).
+    also runs a list of L cache buffers with L separate layer weight trees
+    (`decode_step(..., layers=...)`), and those of the sampler: every dense kernel an
+    `OutMajor`, here cut in 3 uneven parts.
     """
     enc = model.encode(ids, mask)
     full = model.decode(dec_ids, enc, mask)
@@ -92,6 +94,7 @@ def full_and_cached(model: DalleBart, ids, mask, dec_ids, per_layer: bool = Fals
         )
         weights = nnx.to_pure_dict(nnx.state(model.dec_layers, nnx.Param))
         runs.append(run(split, [jax.tree.map(lambda x, l=l: x[l], weights) for l in range(L)]))
+        runs.append(run(split, split_decoder_layers(model, parts=3)))
     return full, runs
 
 
@@ -264,8 +267,8 @@ def test_decode_step_matches_full_sequence(ln_positions, use_glu):
     full, runs = full_and_cached(model, ids, mask, dec, per_layer=per_layer)
     assert full.shape == (3, cfg.image_len, cfg.decoder_vocab_size) and full.dtype == jnp.float32
     assert np.isfinite(np.asarray(full)).all()
-    assert len(runs) == 1 + per_layer
-    for layout, steps in zip(["stacked cache", "per-layer cache and weights"], runs):
+    assert len(runs) == 1 + 2 * per_layer
+    for layout, steps in zip(["stacked cache", "per-layer cache and weights", "OutMajor kernels"], runs):
         err = rel_err(steps, full)
         assert err < 1e-5, f"cached ({layout}) vs full: relative error {err:.2e}"
     # The rows really differ (the padding is not masking everything into the same output).
