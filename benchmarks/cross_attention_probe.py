@@ -64,7 +64,8 @@ def cross_attention(pipe: DalleMini, caption: str, codes: np.ndarray) -> np.ndar
     fed = np.concatenate([[cfg.bos_token_id], codes[:-1]])  # step p feeds token p-1
     with mock.patch.object(transformer, "attend_one", recording):
         for p, token in enumerate(fed):
-            _, cache = model.decode_step(jnp.asarray([token], jnp.int32), jnp.int32(p), cache, layers)
+            _, cache = model.decode_step(jnp.asarray([token], jnp.int32), jnp.int32(p), cache, layers,
+                                         pipe.sampler._head)
     return np.stack(recorded).reshape(len(fed), cfg.num_decoder_layers, -1)
 
 

@@ -10,9 +10,12 @@ per-layer kernels in (`sampling.split_decoder_layers(parts=)`):
   parts 0   [in, out], as the model stores them (the layout before `OutMajor`);
   parts 1   [out, in] in one piece (`transformer.OutMajor`);
   parts C   [out, in] cut in one part per core (`sampling.kernel_parts()`, the default);
+  parts C + head   the same with lm_head cut likewise (`sampling.split_head`, what a
+            pipeline's sampler holds);
 
-it runs `--steps` guided decode steps (top-k 50, guidance 10, from position 100, a
-random prompt) `--runs` times after a warm-up, and prints the median ms per step and
+it runs the first `--steps` guided decode steps (top-k 50, guidance 10, a random
+prompt; a step attends over the whole cache, masked, so its cost does not depend on
+the position) `--runs` times after a warm-up, and prints the median ms per step and
 the ratio to the first layout. Timings vary between runs on a shared machine: compare
 the ratios within one run.
 """
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from dalle_mini_jax.sampling import (SamplingSettings, TokenSampler, image_keys, kernel_parts,
-                                         split_decoder_layers)
+                                         split_decoder_layers, split_head)
     from dalle_mini_jax.transformer import DalleBart
 
     model = DalleBart.from_pretrained(args.model_dir, dtype=args.dtype)
@@ -54,29 +57,33 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     ids = rng.integers(4, cfg.text_vocab_size, (2, cfg.text_len)).astype(np.int32)  # prompt, uncond
     mask = np.ones_like(ids)
-    layouts = list(dict.fromkeys([0, 1, kernel_parts()]))
-    begin = min(100, cfg.image_len - args.steps)
+    cores = kernel_parts()
+    layouts = [(p, False) for p in dict.fromkeys([0, 1, cores])] + [(cores, True)]
     print(f"{args.model_dir} {args.dtype}, {kernel_parts()} core(s); ms per decode step, median of {args.runs}")
-    for n in args.images:
-        first = None
-        for parts in layouts:
-            sampler._layers = None
-            gc.collect()
-            sampler._layers = split_decoder_layers(model, parts=parts)
+    results: dict[int, list[tuple[str, float, list[float]]]] = {n: [] for n in args.images}
+    for parts, split in layouts:  # the head layout last: it takes lm_head over
+        sampler._layers = None
+        gc.collect()
+        sampler._layers = split_decoder_layers(model, parts=parts)
+        if split:
+            sampler._head = split_head(model, parts)
+        for n in args.images:
             keys = image_keys(1, ["p"] * n, list(range(n)))
             times = []
             for r in range(args.runs + 1):  # the first run compiles: not timed
                 state = sampler.start(ids, mask, np.zeros(n, np.int32), 1)
-                state = sampler.run(state, keys, 0, begin, settings)
                 jax.block_until_ready(state)
                 t = time.perf_counter()
-                state = sampler.run(state, keys, begin, begin + args.steps, settings)
+                state = sampler.run(state, keys, 0, args.steps, settings)
                 state.tokens.block_until_ready()
                 if r:
                     times.append((time.perf_counter() - t) / args.steps * 1e3)
-            ms = statistics.median(times)
-            first = first or ms
-            print(f"images {n}  parts {parts}  {ms:7.1f} ms/step  {first / ms:5.2f}x  "
+            name = f"parts {parts}" + (" + head" if split else "")
+            results[n].append((name, statistics.median(times), times))
+    for n, rows in results.items():
+        first = rows[0][1]
+        for name, ms, times in rows:
+            print(f"images {n}  {name:<14} {ms:7.1f} ms/step  {first / ms:5.2f}x  "
                   f"({', '.join(f'{t:.1f}' for t in times)})", flush=True)
     return 0
 

@@ -184,7 +184,8 @@ def child_ours(args) -> dict:
     load_s = time.perf_counter() - t
     # The peak RSS is reported under --dtype's name, so check that it is what was loaded:
     # every float weight held (transformer, the sampler's per-layer decoder buffers, VQGAN).
-    held = jax.tree.leaves((nnx.state(pipe.model, nnx.Param), pipe.sampler._layers, pipe.sampler._enc_layers,
+    held = jax.tree.leaves((nnx.state(pipe.model, nnx.Param), pipe.sampler._layers, pipe.sampler._head,
+                            pipe.sampler._enc_layers,
                             nnx.state(pipe.vqgan, nnx.Param)))
     floats = [x for x in held if jnp.issubdtype(x.dtype, jnp.floating)]
     loaded = sorted({str(x.dtype) for x in floats})

@@ -344,6 +344,7 @@ def start_state(
 def decode_steps(
     model: DalleBart,
     layers: list[Any] | None,
+    head: OutMajor | None,
     state: DecodeState,
     keys: jax.Array,
     begin: jax.Array,
@@ -361,6 +362,7 @@ def decode_steps(
       model: the DalleBart.
       layers: its decoder layers as separate per-layer buffers (`split_decoder_layers`),
         or None to slice the stacked weights (XLA:CPU then copies each slice).
+      head: lm_head as an `OutMajor` (`split_head`), or None for the model's.
       state: from `start_state` or a previous call.
       keys: [B] typed image keys.
       begin, end: int32 scalars (traced: every chunk size shares one compilation).
@@ -376,7 +378,7 @@ def decode_steps(
 
     def body(i, st: DecodeState) -> DecodeState:
         fed = jnp.concatenate([st.last, st.last]) if guided else st.last
-        logits, cache = model.decode_step(fed, i, st.cache, layers)
+        logits, cache = model.decode_step(fed, i, st.cache, layers, head)
         if guided:
             logits = apply_guidance(logits, guidance)
         codes = sample_codes(keys, logits, i, num_codes, temperature, top_k, top_p)
@@ -477,6 +479,18 @@ def split_decoder_layers(model: DalleBart, release_stacked: bool = False, parts:
                         release_stacked, out_major_parts=parts)
 
 
+def split_head(model: DalleBart, parts: int) -> OutMajor:
+    """lm_head [D, V] as an `OutMajor` of `parts` parts, taken over from the model: its
+    own becomes an empty placeholder (the model then needs `decode_step(head=...)`)."""
+    var = model.lm_head
+    x = var[...]
+    head = OutMajor(_unstack(x[None], parts)[0])
+    jax.block_until_ready(head)
+    var.set_value(jnp.zeros((0,), x.dtype))
+    x.delete()
+    return head
+
+
 def split_encoder_layers(model: DalleBart, release_stacked: bool = False) -> list[dict]:
     """The encoder layers as L separate pytrees (`DalleBart.encode(..., layers=)` says
     why). With `release_stacked` the model can only `encode(..., layers=...)` after."""
@@ -492,14 +506,14 @@ def _start_impl(graphdef, mesh, params, enc_layers, input_ids, attention_mask, r
     return start_state(model, input_ids, attention_mask, rows, uncond_row, enc_layers, token_rows)
 
 
-def _run_impl(graphdef, mesh, params, layers, state, keys, begin, end, temperature, guidance, top_p, top_k):
+def _run_impl(graphdef, mesh, params, layers, head, state, keys, begin, end, temperature, guidance, top_p, top_k):
     TRACE_COUNTS["run"] += 1
     model = nnx.merge(graphdef, params)
-    return decode_steps(model, layers, state, keys, begin, end, temperature, guidance, top_k, top_p)
+    return decode_steps(model, layers, head, state, keys, begin, end, temperature, guidance, top_k, top_p)
 
 
 _jit_start = jax.jit(_start_impl, static_argnums=(0, 1))
-_jit_run = jax.jit(_run_impl, static_argnums=(0, 1), donate_argnums=(4,), static_argnames=("top_k",))
+_jit_run = jax.jit(_run_impl, static_argnums=(0, 1), donate_argnums=(5,), static_argnames=("top_k",))
 
 
 class TokenSampler:
@@ -530,7 +544,10 @@ class TokenSampler:
         self._text_table = text_table
         self._compiled: set[tuple] = set()  # signatures compiled ahead (`_compile_once`)
         self._table_dtype = model.enc_embed.tokens[...].dtype  # the rows as the device table would hold them
-        self._layers = split_decoder_layers(model, release_stacked=release_stacked, parts=kernel_parts(mesh))
+        parts = kernel_parts(mesh)
+        self._layers = split_decoder_layers(model, release_stacked=release_stacked, parts=parts)
+        # lm_head likewise, when the sampler may take it over (else it would be held twice).
+        self._head = split_head(model, parts) if release_stacked else None
         self._enc_layers = split_encoder_layers(model, release_stacked=release_stacked)
         self._graphdef, self._params = nnx.split(model)
 
@@ -589,7 +606,7 @@ class TokenSampler:
         top_k = settings.top_k
         if top_k is not None and top_k >= self.config.num_image_codes:
             top_k = None  # keeping every code is no filter: skip the work
-        args = (self._graphdef, self.mesh, self._params, self._layers, state, keys,
+        args = (self._graphdef, self.mesh, self._params, self._layers, self._head, state, keys,
                 jnp.int32(begin), jnp.int32(end), jnp.float32(settings.temperature),
                 jnp.float32(settings.guidance) if settings.guided else None,
                 jnp.float32(settings.top_p) if settings.uses_top_p else None)

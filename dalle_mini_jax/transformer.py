@@ -155,8 +155,9 @@ class OutMajor:
     independent dots run at once on different threads, so a kernel cut in as many
     parts as the CPU has cores is read by all of them. `python
     benchmarks/decode_step.py DIR` (random DALL-E Mini, fp32, 2-core CPU, 2026-12-02):
-    one image 56.0 ms a step as [in, out], 60.7 as one [out, in] part, 46.0 in 2 parts
-    (1.22x); a 3x3 grid 171.7, 130.7, 119.2 (1.44x). Same values up to summation order.
+    one image 61.0 ms a step as [in, out], 69.8 as one [out, in] part, 50.8 in 2 parts
+    (1.20x), 48.9 with lm_head in 2 parts too (1.25x); a 3x3 grid 190.7, 146.3, 131.7,
+    124.7 (1.53x). Same values up to summation order.
     """
 
     parts: tuple[jax.Array, ...]
@@ -175,12 +176,17 @@ def _dense(spec: str, x: jax.Array, w: jax.Array | OutMajor) -> jax.Array:
     f32 dot runs as it is. (With `_rows` and `encode(layers=)`: DALL-E Mini's bf16 peak
     RSS 1.73 GB, was 2.30.) For float32 weights nothing changes.
     """
+    return _dense_f32(spec, x, w).astype(x.dtype)
+
+
+def _dense_f32(spec: str, x: jax.Array, w: jax.Array | OutMajor) -> jax.Array:
+    """`_dense` with its float32 result (logits stay float32)."""
     if isinstance(w, OutMajor):
         rows = x.reshape(-1, x.shape[-1])
         y = jnp.concatenate([jnp.einsum("ok,mk->om", t.astype(x.dtype), rows, preferred_element_type=jnp.float32)
                              for t in w.parts])
-        return y.T.reshape(x.shape[:-1] + (y.shape[0],)).astype(x.dtype)
-    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        return y.T.reshape(x.shape[:-1] + (y.shape[0],))
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _proj(x: jax.Array, w: jax.Array, H: int) -> jax.Array:
@@ -456,7 +462,8 @@ class DalleBart(nnx.Module):
         )
 
     def decode_step(self, tokens: jax.Array, position: jax.Array, cache: DecodeCache,
-                    layers: list[Any] | None = None) -> tuple[jax.Array, DecodeCache]:
+                    layers: list[Any] | None = None,
+                    head: OutMajor | None = None) -> tuple[jax.Array, DecodeCache]:
         """Logits for one position, given all earlier ones in the cache.
 
         Args:
@@ -468,6 +475,7 @@ class DalleBart(nnx.Module):
             out: they live in the cache). XLA:CPU copies a slice of a stacked weight
             before a dot, which triples the memory traffic of a weight-bound step;
             the sampler passes separate per-layer buffers instead. Same logits.
+          head: optional, lm_head as an `OutMajor` (the sampler's), else the model's.
 
         Returns:
           (logits [B, V] float32 predicting position+1's token, the updated cache).
@@ -504,7 +512,7 @@ class DalleBart(nnx.Module):
 
             p = _layer_slice(stacked, l) if layers is None else layers[l]
             h = _decoder_layer(cfg, p, h, attend, cross)
-        logits = self._logits(self._final(h, self.dec_final))[:, 0]
+        logits = self._logits(self._final(h, self.dec_final), head)[:, 0]
         cache = dataclasses.replace(cache, self_k=self_k, self_v=self_v)
         return logits, cache
 
@@ -512,8 +520,8 @@ class DalleBart(nnx.Module):
     def _final(self, h: jax.Array, norm: Norm | None) -> jax.Array:
         return h if norm is None else layer_norm(h, _values(norm), self.config.layer_norm_eps)
 
-    def _logits(self, h: jax.Array) -> jax.Array:
-        logits = jnp.einsum("bsd,dv->bsv", h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
+    def _logits(self, h: jax.Array, head: OutMajor | None = None) -> jax.Array:
+        logits = _dense_f32("bsd,dv->bsv", h, self.lm_head[...] if head is None else head)
         return constrain(logits, ("act_batch", "act_len", "act_vocab"))
 
     def _maybe_remat(self, body):

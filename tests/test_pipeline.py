@@ -103,7 +103,7 @@ def test_bfloat16_load(tiny_model_dir):  # noqa: F811
     p = DalleMini.from_pretrained(tiny_model_dir, dtype="bfloat16")
     assert p.model.enc_embed.tokens[...].dtype == jnp.bfloat16
     assert p.vqgan.decoder.conv_in.kernel[...].dtype == jnp.bfloat16
-    assert {x.dtype for x in jax.tree.leaves(p.sampler._layers)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves((p.sampler._layers, p.sampler._head))} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_text_table_stays_in_the_checkpoint_file(tiny_model_dir, pipe):  # noqa: F811

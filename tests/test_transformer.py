@@ -23,7 +23,7 @@ from dalle_mini_jax import checkpoint as ckpt
 from dalle_mini_jax.config import ConfigError, DalleBartConfig, transformer_preset
 from dalle_mini_jax.sampling import split_decoder_layers
 from dalle_mini_jax.sharding import activate, make_mesh
-from dalle_mini_jax.transformer import DalleBart, count_params, released_names
+from dalle_mini_jax.transformer import DalleBart, OutMajor, count_params, released_names
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -71,16 +71,16 @@ def full_and_cached(model: DalleBart, ids, mask, dec_ids, per_layer: bool = Fals
 
     The cached run uses the stacked [L, ...] cache of `init_cache`; with `per_layer` it
     also runs a list of L cache buffers with L separate layer weight trees
-    (`decode_step(..., layers=...)`), and those of the sampler: every dense kernel an
-    `OutMajor`, here cut in 3 uneven parts.
+    (`decode_step(..., layers=...)`), and those of the sampler: every dense kernel and
+    lm_head an `OutMajor`, here cut in 3 uneven parts.
     """
     enc = model.encode(ids, mask)
     full = model.decode(dec_ids, enc, mask)
     stacked = model.init_cache(enc, mask)
 
-    def run(cache, layers):
+    def run(cache, layers, head=None):
         def step(cache, pos):
-            logits, cache = model.decode_step(dec_ids[:, pos], pos, cache, layers)
+            logits, cache = model.decode_step(dec_ids[:, pos], pos, cache, layers, head)
             return cache, logits
 
         _, steps = jax.lax.scan(step, cache, jnp.arange(dec_ids.shape[1], dtype=jnp.int32))
@@ -94,7 +94,8 @@ def full_and_cached(model: DalleBart, ids, mask, dec_ids, per_layer: bool = Fals
         )
         weights = nnx.to_pure_dict(nnx.state(model.dec_layers, nnx.Param))
         runs.append(run(split, [jax.tree.map(lambda x, l=l: x[l], weights) for l in range(L)]))
-        runs.append(run(split, split_decoder_layers(model, parts=3)))
+        head = OutMajor(tuple(jnp.split(model.lm_head[...].T, [5, 11])))  # [out_i, in], uneven
+        runs.append(run(split, split_decoder_layers(model, parts=3), head))
     return full, runs
 
 
