@@ -104,9 +104,9 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 7, threads: int | None = N
 
     All cores, because a decode step reads its weights from all of them (the sampler
     cuts every kernel in one part per core, `transformer.OutMajor`); numpy's sum runs on
-    one thread and releases the GIL, and one thread alone reads about half of what two
-    do on the project's 2-core machine (16.0 vs 32.9 GB/s), so a one-thread figure
-    would put the floor twice too high.
+    one thread and releases the GIL. With one thread (this function before 2026-12-02)
+    the project's 2-core machine gave 12.6-15.3 GB/s, with two 28.3 GB/s (README
+    "Measured"): a one-thread figure put the floor about twice too high.
     """
     from concurrent.futures import ThreadPoolExecutor
 
