@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -93,11 +92,6 @@ def write_model_dir(preset: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def memory_bandwidth(gib: float = 1.0, repeats: int = 7, threads: int | None = None) -> float:
     """Bytes/s of numpy sums over a `gib` GiB float32 array, read by `threads` threads at
     once, one slice each (default: one per core; median of `repeats`).
@@ -111,6 +105,8 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 7, threads: int | None = N
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
+
+    from dalle_mini_jax.sampling import cpu_cores
 
     threads = threads or cpu_cores()
     a = np.ones(int(gib * 2**30) // 4, np.float32)
@@ -269,6 +265,8 @@ def summarize(args, r: dict, bw: float, step_bytes: int, md_runs: int) -> dict:
     mdgrid): each child's own peak, labelled with the dtype of the weights it held
     (ours: --dtype, checked in the child; min-dalle: float32).
     """
+    from dalle_mini_jax.sampling import cpu_cores
+
     floor_ms = step_bytes / bw * 1e3
 
     def g(k, f):

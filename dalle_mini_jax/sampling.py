@@ -403,6 +403,11 @@ def _unstack(x: jax.Array, parts: int = 0) -> tuple:
     return tuple(tuple(x[l, :, e[i]:e[i + 1]].T for i in range(parts)) for l in range(x.shape[0]))
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def kernel_parts(mesh=None) -> int:
     """How many parts the sampler cuts each decoder kernel in (`OutMajor`).
 
@@ -412,8 +417,7 @@ def kernel_parts(mesh=None) -> int:
     """
     if mesh is not None or jax.default_backend() != "cpu":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 8))
+    return max(1, min(cpu_cores(), 8))
 
 
 def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
@@ -452,12 +456,20 @@ def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
                 node = node.setdefault(k, {})
             node[leaf] = parts[l]
         if release_stacked:
-            # Wait for the copies before freeing the stack: dispatch is asynchronous, and
-            # without this every stack would stay alive until the end (peak + 1 decoder).
-            jax.block_until_ready(parts)
-            var.set_value(jnp.zeros((0,), x.dtype))
-            x.delete()
+            _release(var, parts)
     return per_layer
+
+
+def _release(var: nnx.Param, copies: Any) -> None:
+    """Free a parameter whose values now live in `copies`, leaving an empty placeholder.
+
+    Waits for the copies first: dispatch is asynchronous, and without the wait every
+    freed array would stay alive until the end (peak + 1 decoder).
+    """
+    x = var[...]
+    jax.block_until_ready(copies)
+    var.set_value(jnp.zeros((0,), x.dtype))
+    x.delete()
 
 
 def split_decoder_layers(model: DalleBart, release_stacked: bool = False, parts: int = 1) -> list[dict]:
@@ -469,11 +481,11 @@ def split_decoder_layers(model: DalleBart, release_stacked: bool = False, parts:
         can then still `encode`, `init_cache` and `decode_step(..., layers=...)`, but not
         run its full-sequence `decode`: only for a model owned by a pipeline.
       parts: each dense kernel is held as an `OutMajor` of this many parts
-        (`kernel_parts`).
+        (`kernel_parts`); 0 keeps them [in, out] arrays.
 
     Returns:
       [L] nested dicts like `_values(model.dec_layers)` without the layer axis and
-      without the cross-attention k/v kernels, each dense kernel an `OutMajor`.
+      without the cross-attention k/v kernels.
     """
     return split_layers(model.dec_layers, model.config.num_decoder_layers, _NOT_PER_STEP,
                         release_stacked, out_major_parts=parts)
@@ -482,12 +494,8 @@ def split_decoder_layers(model: DalleBart, release_stacked: bool = False, parts:
 def split_head(model: DalleBart, parts: int) -> OutMajor:
     """lm_head [D, V] as an `OutMajor` of `parts` parts, taken over from the model: its
     own becomes an empty placeholder (the model then needs `decode_step(head=...)`)."""
-    var = model.lm_head
-    x = var[...]
-    head = OutMajor(_unstack(x[None], parts)[0])
-    jax.block_until_ready(head)
-    var.set_value(jnp.zeros((0,), x.dtype))
-    x.delete()
+    head = OutMajor(_unstack(model.lm_head[...][None], parts)[0])
+    _release(model.lm_head, head)
     return head
 
 

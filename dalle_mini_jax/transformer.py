@@ -452,12 +452,11 @@ class DalleBart(nnx.Module):
         ck = _dense("btd,lde->lbte", enc, cross["k"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
         cv = _dense("btd,lde->lbte", enc, cross["v"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
         zeros = jnp.zeros((L, B, H, S, K), self.dtype)
-        names = CACHE_AXES
         return DecodeCache(
-            self_k=constrain(zeros, names),
-            self_v=constrain(zeros, names),
-            cross_k=constrain(ck, names),
-            cross_v=constrain(cv, names),
+            self_k=constrain(zeros, CACHE_AXES),
+            self_v=constrain(zeros, CACHE_AXES),
+            cross_k=constrain(ck, CACHE_AXES),
+            cross_v=constrain(cv, CACHE_AXES),
             enc_mask=padding_mask(attention_mask),
         )
 
