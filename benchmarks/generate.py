@@ -92,33 +92,61 @@ def write_model_dir(preset: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 7, threads: int | None = None) -> float:
-    """Bytes/s of numpy sums over a `gib` GiB float32 array, read by `threads` threads at
-    once, one slice each (default: one per core; median of `repeats`).
+def memory_bandwidth(gib: float = 1.0, repeats: int = 7, threads: int | None = None) -> dict[str, float]:
+    """The machine's memory read bandwidth: bytes/s of the fastest of several reads of a
+    `gib` GiB float32 array (median of `repeats` each).
 
-    All cores, because a decode step reads its weights from all of them (the sampler
-    cuts every kernel in one part per core, `transformer.OutMajor`); numpy's sum runs on
-    one thread and releases the GIL. With one thread (this function before 2026-12-02)
-    the project's 2-core machine gave 12.6-15.3 GB/s, with two 28.3 GB/s (README
-    "Measured"): a one-thread figure put the floor about twice too high.
+    Kernels, each reading the whole array once with all cores (a decode step reads its
+    weights from all of them: the sampler cuts every kernel in one part per core,
+    `transformer.OutMajor`):
+      numpy_sum, numpy_max: one numpy call per core on one slice each, at once (numpy
+        runs each on one thread and releases the GIL);
+      xla_sum: `jnp.sum` jitted, which XLA:CPU splits over its own threads.
+
+    Why the fastest, not numpy's sum alone (this function before 2026-12-02): a read
+    kernel can be bound by its arithmetic, and then it shows the core, not the memory.
+    On the 2-core machine of 2026-12-02 numpy's float32 sum read 12.5 GB/s with both
+    cores, numpy's max 22.7 and XLA's sum 27.2 (`python benchmarks/generate.py
+    --bandwidth-only`): the sum alone put the floor twice too high. The floor is a bound,
+    so it takes the fastest read measured.
+
+    Returns:
+      {kernel: bytes/s} for each kernel, plus "best" (the largest) and "threads".
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from dalle_mini_jax.sampling import cpu_cores
 
     threads = threads or cpu_cores()
     a = np.ones(int(gib * 2**30) // 4, np.float32)
+    nbytes = a.nbytes
     slices = np.array_split(a, threads)
-    times = []
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(np.sum, slices))
+
+    def rate(read) -> float:
+        read()  # warm-up (and compilation)
+        times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            list(pool.map(np.sum, slices))
+            read()
             times.append(time.perf_counter() - t)
-    return a.nbytes / statistics.median(times)
+        return nbytes / statistics.median(times)
+
+    out = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for name, fn in (("numpy_sum", np.sum), ("numpy_max", np.max)):
+            out[name] = rate(lambda fn=fn: list(pool.map(fn, slices)))
+    x = jnp.asarray(a)
+    del a, slices
+    total = jax.jit(jnp.sum)
+    out["xla_sum"] = rate(lambda: total(x).block_until_ready())
+    x.delete()
+    out["best"] = max(out.values())
+    out["threads"] = threads
+    return out
 
 
 def decoder_step_bytes(cfg, itemsize: int) -> int:
@@ -258,16 +286,15 @@ def _spawn(kind: str, args, n: int, runs: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def summarize(args, r: dict, bw: float, step_bytes: int, md_runs: int) -> dict:
+def summarize(args, r: dict, bw: dict[str, float], step_bytes: int, md_runs: int) -> dict:
     """The JSON summary. Every key is present whichever configurations ran (None if not).
 
     `peak_rss_mb` and `peak_rss_dtype` are per configuration (ours1, oursgrid, md1,
     mdgrid): each child's own peak, labelled with the dtype of the weights it held
-    (ours: --dtype, checked in the child; min-dalle: float32).
+    (ours: --dtype, checked in the child; min-dalle: float32). `bw` is
+    `memory_bandwidth`'s result; the floor uses its "best".
     """
-    from dalle_mini_jax.sampling import cpu_cores
-
-    floor_ms = step_bytes / bw * 1e3
+    floor_ms = step_bytes / bw["best"] * 1e3
 
     def g(k, f):
         return r[k][f] if k in r else None
@@ -275,7 +302,9 @@ def summarize(args, r: dict, bw: float, step_bytes: int, md_runs: int) -> dict:
     nominal = {k: args.dtype if kind == "ours" else "float32" for k, kind, _ in CONFIGS}
     summary = dict(
         preset=args.preset, dtype=args.dtype, runs=args.runs, md_runs=md_runs, ran=[k for k, _, _ in CONFIGS if k in r],
-        bandwidth_gb_s=bw / 1e9, bandwidth_threads=cpu_cores(), step_bytes_mb=step_bytes / 1e6, floor_step_ms=floor_ms,
+        bandwidth_gb_s=bw["best"] / 1e9, bandwidth_threads=bw["threads"],
+        bandwidth_kernels_gb_s={k: v / 1e9 for k, v in bw.items() if k not in ("best", "threads")},
+        step_bytes_mb=step_bytes / 1e6, floor_step_ms=floor_ms,
         step_ms=g("ours1", "step_ms"), grid_step_ms=g("oursgrid", "step_ms"),
         ours_1_s=g("ours1", "total_s"), ours_grid_s=g("oursgrid", "total_s"),
         min_dalle_1_s=g("md1", "total_s"), min_dalle_grid_s=g("mdgrid", "total_s"),
@@ -305,6 +334,8 @@ def main(argv=None) -> int:
                    help="run only these configurations (repeatable; 'ours' = ours1 + oursgrid, "
                         "'md' = md1 + mdgrid), e.g. --only ours --dtype bfloat16")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--bandwidth-only", action="store_true",
+                   help="only measure the memory read bandwidth (each kernel, GB/s) and exit")
     # internal
     p.add_argument("--child", choices=["ours", "min_dalle"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -316,6 +347,10 @@ def main(argv=None) -> int:
         print(json.dumps(out))
         return 0
 
+    if args.bandwidth_only:
+        bw = memory_bandwidth()
+        print(json.dumps({k: (v / 1e9 if k != "threads" else v) for k, v in bw.items()}))
+        return 0
     only = set()
     for name in args.only or [k for k, _, _ in CONFIGS]:
         only |= ONLY_GROUPS.get(name, {name})
@@ -349,6 +384,8 @@ def main(argv=None) -> int:
     for k, v in summary.items():
         if k == "peak_rss_mb":
             rows += [(f"peak_rss_mb {c} ({summary['peak_rss_dtype'][c]})", x) for c, x in v.items()]
+        elif k == "bandwidth_kernels_gb_s":
+            rows += [(f"bandwidth_gb_s {c}", x) for c, x in v.items()]
         elif k != "peak_rss_dtype":
             rows.append((k, v))
     width = max(len(k) for k, _ in rows)

@@ -1,0 +1,39 @@
+"""benchmarks/generate.py's own arithmetic: the bandwidth it measures and the floor it derives."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import generate  # noqa: E402  (benchmarks/generate.py)
+
+
+def test_memory_bandwidth_takes_the_fastest_read_kernel():
+    bw = generate.memory_bandwidth(gib=1 / 256, repeats=2, threads=2)
+    kernels = {k: v for k, v in bw.items() if k not in ("best", "threads")}
+    assert set(kernels) == {"numpy_sum", "numpy_max", "xla_sum"}
+    assert all(v > 0 for v in kernels.values())
+    assert bw["best"] == max(kernels.values())
+    assert bw["threads"] == 2
+
+
+def test_floor_is_step_bytes_over_the_best_bandwidth():
+    from dalle_mini_jax.config import TRANSFORMER_PRESETS
+
+    cfg = TRANSFORMER_PRESETS["mini"]
+    step_bytes = generate.decoder_step_bytes(cfg, 4)
+    bw = {"numpy_sum": 10e9, "numpy_max": 20e9, "xla_sum": 25e9, "best": 25e9, "threads": 2}
+    args = argparse.Namespace(preset="mini", dtype="float32", runs=3)
+    r = {"ours1": {"step_ms": 62.0, "total_s": 20.0, "vqgan_s_per_image": 1.0, "first_call_s": 30.0,
+                   "weights_mb": 1.0, "peak_rss_mb": 2000.0, "weights_dtype": "float32"},
+         "md1": {"total_s": 30.0, "peak_rss_mb": 3000.0, "weights_dtype": "float32"}}
+    s = generate.summarize(args, r, bw, step_bytes, md_runs=3)
+    assert s["floor_step_ms"] == pytest.approx(step_bytes / 25e9 * 1e3)
+    assert s["step_over_floor"] == pytest.approx(62.0 / s["floor_step_ms"])
+    assert s["bandwidth_gb_s"] == pytest.approx(25.0)
+    assert s["bandwidth_kernels_gb_s"] == pytest.approx({"numpy_sum": 10.0, "numpy_max": 20.0, "xla_sum": 25.0})
+    assert s["speedup_1"] == pytest.approx(1.5) and s["speedup_grid"] is None
+    # DALL-E Mini fp32: 12 layers of 6 D^2 + 3 D F (+ norms) and lm_head, 772 MB a step.
+    assert step_bytes / 1e6 == pytest.approx(772, abs=1)
