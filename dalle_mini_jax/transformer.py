@@ -449,8 +449,13 @@ class DalleBart(nnx.Module):
         B, T, _ = enc.shape
         L, H, K, S = cfg.num_decoder_layers, cfg.num_heads, cfg.head_dim, cfg.image_len
         cross = _values(self.dec_layers)["cross_attn"]
-        ck = _dense("btd,lde->lbte", enc, cross["k"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
-        cv = _dense("btd,lde->lbte", enc, cross["v"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
+        # As L batched products of the encoder output (copied L times: [L, B*T, D], small)
+        # with each layer's [D, H*K] kernel: contracted as "btd,lde" instead, XLA
+        # transposes each stacked [L, D, D] kernel first, 96 MB of temporaries for
+        # DALL-E Mini's k and v in float32 (`benchmarks/load_memory.py --compiled`).
+        x = jnp.broadcast_to(enc.reshape(1, B * T, -1), (L, B * T, enc.shape[-1]))
+        ck = _dense("lnd,lde->lne", x, cross["k"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
+        cv = _dense("lnd,lde->lne", x, cross["v"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
         zeros = jnp.zeros((L, B, H, S, K), self.dtype)
         return DecodeCache(
             self_k=constrain(zeros, CACHE_AXES),
