@@ -138,7 +138,6 @@ def compiled_memory(pipe, prompt: str) -> None:
     import jax.numpy as jnp
 
     from dalle_mini_jax import sampling
-    from dalle_mini_jax.pipeline import _decode
 
     settings = sampling.SamplingSettings(top_k=50, guidance=10.0)
     batch = pipe._plan([prompt], 1, 1, 1.0, 50, None, 10.0, 1)[2][0]
@@ -150,8 +149,8 @@ def compiled_memory(pipe, prompt: str) -> None:
         ("start (encoder, cross K/V)",
          pipe.sampler.lower_start(ids, mask, rows, uncond_row).compile()),
         ("decode loop", pipe.sampler.lower_run(state, keys, 0, S, settings).compile()),
-        ("VQGAN decode", _decode.lower(pipe._vq_graphdef, pipe._vq_state, codes,
-                                       jnp.int32(S)).compile()),
+        ("VQGAN decode", pipe._vq_decode.lower(pipe._vq_graphdef, pipe._vq_state, codes,
+                                               jnp.int32(S)).compile()),
     ):
         m = compiled.memory_analysis()
         print(f"compiled {name:<28} arguments {m.argument_size_in_bytes / 2**20:7.1f} MiB  "

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from . import xla_cpu
 from .checkpoint import CONFIG_NAME, MSGPACK_NAME, CheckpointError, check_tree, model_dir as _model_dir
 from .checkpoint import read_msgpack
 from .config import ConfigError, DalleBartConfig, VQGANConfig
@@ -299,6 +300,7 @@ class DalleMini:
         self.defaults = SamplingSettings() if defaults is None else defaults
         self.sampler = TokenSampler(model, mesh=mesh, release_stacked=release_stacked, text_table=text_table)
         self._vq_graphdef, self._vq_state = nnx.split(vqgan)
+        self._vq_decode = vqgan_decode_fn(jax.tree.leaves(self._vq_state)[0].dtype)
         self._vq_compiled = False  # see _compile_vqgan
 
     @classmethod
@@ -451,7 +453,8 @@ class DalleMini:
         # Decoding a 256x256 image is generation's peak of memory: give what the decode
         # loop freed back first, so the decode's temporaries do not stack on it.
         return_free_memory()
-        imgs = [np.asarray(_decode(self._vq_graphdef, self._vq_state, jnp.asarray(c[None]), jnp.int32(done)))[0]
+        imgs = [np.asarray(self._vq_decode(self._vq_graphdef, self._vq_state, jnp.asarray(c[None]),
+                                           jnp.int32(done)))[0]
                 for c in codes]
         images = np.stack(imgs) if imgs else np.zeros((0,), np.float32)
         if done < S and len(imgs):
@@ -473,8 +476,8 @@ class DalleMini:
         """
         if not self._vq_compiled:
             S = self.config.image_len
-            compile_then_trim(lambda: _decode.lower(self._vq_graphdef, self._vq_state,
-                                                    jnp.zeros((1, S), jnp.int32), jnp.int32(S)))
+            compile_then_trim(lambda: self._vq_decode.lower(self._vq_graphdef, self._vq_state,
+                                                            jnp.zeros((1, S), jnp.int32), jnp.int32(S)))
             self._vq_compiled = True
 
     def _plan(self, prompts, num_images, seed, temperature, top_k, top_p, guidance, batch_size):
@@ -594,11 +597,29 @@ class DalleMini:
         }
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(graphdef, state, codes, num_done):
+def _decode_impl(graphdef, state, codes, num_done):
     """[1, S] codes -> [1, H, W, 3] pixels; cells >= num_done from the mean code."""
     v = nnx.merge(graphdef, state)
     return v.decode_latents(v.latents(codes, num_done))
+
+
+@functools.cache
+def _decode_jit(options: tuple[tuple[str, str], ...]):
+    return jax.jit(_decode_impl, static_argnums=0, compiler_options=dict(options) or None)
+
+
+def vqgan_decode_fn(dtype: Any = jnp.float32):
+    """The jitted VQGAN decode (`_decode_impl`: graphdef static, then state, codes [1, S],
+    num_done) for weights of `dtype`, with the XLA:CPU options measured for it.
+
+    Float32 gets `xla_cpu.compiler_options()` (on a CPU: YNNPACK for the dots only, the
+    group norms' reductions left to XLA): one 256x256 image from DALL-E Mini's VQGAN
+    1.12x faster, same temporaries (`python benchmarks/vqgan_decode.py DIR`, README
+    "Measured"). 16-bit weights get XLA's defaults: there the option adds 16 MiB of
+    temporaries (96 -> 112), which the bf16 memory target cannot spare.
+    """
+    options = xla_cpu.compiler_options() if jnp.dtype(dtype) == jnp.float32 else {}
+    return _decode_jit(tuple(sorted(options.items())))
 
 
 def _grey(side: int) -> Image.Image:

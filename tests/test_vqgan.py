@@ -379,7 +379,7 @@ def test_bfloat16_decode_widens_each_weight_only_when_it_is_used():
     weight at the start of the program, all the float32 copies alive at once (DALL-E
     Mini's VQGAN decoder in bf16: 170 MiB of temporaries against 96 MiB in float32).
     With `vqgan._after`, bf16 weights cost no more temporaries than float32 ones."""
-    from dalle_mini_jax.pipeline import VQGANDecoder, _decode
+    from dalle_mini_jax.pipeline import VQGANDecoder, vqgan_decode_fn
 
     # Wide enough that the weights outweigh the activations (a 16x16 image, 4x4 codes).
     cfg = VQGAN_PRESETS["tiny"].replace(channels=64, channel_mult=(1, 4, 4))
@@ -388,8 +388,8 @@ def test_bfloat16_decode_widens_each_weight_only_when_it_is_used():
     for dtype in (jnp.float32, jnp.bfloat16):
         graphdef, state = nnx.split(nnx.eval_shape(
             lambda: VQGANDecoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)))
-        compiled = _decode.lower(graphdef, state, jax.ShapeDtypeStruct((1, S), jnp.int32),
-                                 jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        compiled = vqgan_decode_fn(dtype).lower(graphdef, state, jax.ShapeDtypeStruct((1, S), jnp.int32),
+                                                jax.ShapeDtypeStruct((), jnp.int32)).compile()
         temps[dtype] = compiled.memory_analysis().temp_size_in_bytes
     weights = sum(x.size * 4 for x in jax.tree.leaves(state))
     assert temps[jnp.bfloat16] <= temps[jnp.float32] + weights // 4, (temps, weights)
