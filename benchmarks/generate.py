@@ -105,10 +105,10 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 7, threads: int | None = N
 
     Why the fastest, not numpy's sum alone (this function before 2026-12-02): a read
     kernel can be bound by its arithmetic, and then it shows the core, not the memory.
-    On the 2-core machine of 2026-12-02 numpy's float32 sum read 12.5 GB/s with both
-    cores, numpy's max 22.7 and XLA's sum 27.2 (`python benchmarks/generate.py
-    --bandwidth-only`): the sum alone put the floor twice too high. The floor is a bound,
-    so it takes the fastest read measured.
+    On the 2-core machine of 2026-12-02 numpy's float32 sum read 14.5-15.8 GB/s with
+    both cores, numpy's max 26.3-27.1 and XLA's sum 28.1-28.7 (`python
+    benchmarks/generate.py --bandwidth-only`, twice): the sum alone put the floor ~1.8x
+    too high. The floor is a bound, so it takes the fastest read measured.
 
     Returns:
       {kernel: bytes/s} for each kernel, plus "best" (the largest) and "threads".
