@@ -7,8 +7,9 @@
 What it does, in one run:
   1. writes a random model directory of the preset's shape (released format: transformer
      + tokenizer trained on a few captions + VQGAN) into a temp dir (`--workdir` to keep it);
-  2. measures the machine's memory read bandwidth (numpy sums over a 1 GiB array, one
-     thread per core, median; `memory_bandwidth`);
+  2. measures the machine's memory read bandwidth: the fastest of three reads of a 1 GiB
+     array with all cores (numpy's sum, numpy's max, XLA's sum; medians;
+     `memory_bandwidth`, `--bandwidth-only` to run just that);
   3. runs each configuration in its own subprocess, so each peak RSS is its own
      (VmHWM of that process, loading included):
        ours1: ours 1 image, oursgrid: ours 3x3 grid (one batch of 9),

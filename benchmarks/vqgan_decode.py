@@ -4,7 +4,7 @@
 
 DIR is a VQGAN directory or a model directory with vqgan/ inside (e.g. W/mini-model from
 `python benchmarks/generate.py --preset mini --only ours1 --runs 1 --workdir W`). Compiles
-the decode of one image (`pipeline.vqgan_decode_fn`'s function) twice: with XLA's
+the decode of one image (the pipeline's own jit, `pipeline._decode_jit`) twice: with XLA's
 defaults and with `xla_cpu.compiler_options()` (what the pipeline uses for float32
 weights), then times them alternately, `--runs` times each after a warm-up, on the same
 random codes, and prints each median, their ratio, the largest pixel difference and
@@ -32,13 +32,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
 
-    import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from dalle_mini_jax import xla_cpu
-    from dalle_mini_jax.pipeline import VQGANDecoder, _decode_impl
+    from dalle_mini_jax.pipeline import VQGANDecoder, _decode_jit
 
     path = args.vqgan_dir / "vqgan" if (args.vqgan_dir / "vqgan").is_dir() else args.vqgan_dir
     vq = VQGANDecoder.from_pretrained(path, dtype=args.dtype)
@@ -47,8 +46,8 @@ def main(argv=None) -> int:
     codes = jnp.asarray(np.random.default_rng(0).integers(0, vq.config.codebook_size, (1, S)), jnp.int32)
     done = jnp.int32(S)
     variants = {"XLA defaults": {}, "xla_cpu.compiler_options()": xla_cpu.compiler_options()}
-    compiled = {name: jax.jit(_decode_impl, static_argnums=0, compiler_options=opts or None)
-                .lower(graphdef, state, codes, done).compile() for name, opts in variants.items()}
+    compiled = {name: _decode_jit(**opts).lower(graphdef, state, codes, done).compile()
+                for name, opts in variants.items()}
     out = {name: np.asarray(f(state, codes, done)) for name, f in compiled.items()}  # warm-up
     times: dict[str, list[float]] = {name: [] for name in compiled}
     for _ in range(args.runs):

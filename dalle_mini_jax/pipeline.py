@@ -604,8 +604,9 @@ def _decode_impl(graphdef, state, codes, num_done):
 
 
 @functools.cache
-def _decode_jit(options: tuple[tuple[str, str], ...]):
-    return jax.jit(_decode_impl, static_argnums=0, compiler_options=dict(options) or None)
+def _decode_jit(**options: str):
+    """`_decode_impl` jitted with these XLA compiler options (one jit per set of options)."""
+    return jax.jit(_decode_impl, static_argnums=0, compiler_options=options or None)
 
 
 def vqgan_decode_fn(dtype: Any = jnp.float32):
@@ -619,7 +620,7 @@ def vqgan_decode_fn(dtype: Any = jnp.float32):
     temporaries (96 -> 112), which the bf16 memory target cannot spare.
     """
     options = xla_cpu.compiler_options() if jnp.dtype(dtype) == jnp.float32 else {}
-    return _decode_jit(tuple(sorted(options.items())))
+    return _decode_jit(**options)
 
 
 def _grey(side: int) -> Image.Image:

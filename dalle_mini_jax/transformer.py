@@ -451,7 +451,7 @@ class DalleBart(nnx.Module):
         cross = _values(self.dec_layers)["cross_attn"]
         # As L batched products of the encoder output (copied L times: [L, B*T, D], small)
         # with each layer's [D, H*K] kernel: contracted as "btd,lde" instead, XLA
-        # transposes each stacked [L, D, D] kernel first, 96 MB of temporaries for
+        # transposes each stacked [L, D, D] kernel first, 96 MiB of temporaries for
         # DALL-E Mini's k and v in float32 (`benchmarks/load_memory.py --compiled`).
         x = jnp.broadcast_to(enc.reshape(1, B * T, -1), (L, B * T, enc.shape[-1]))
         ck = _dense("lnd,lde->lne", x, cross["k"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
