@@ -617,7 +617,8 @@ def vqgan_decode_fn(dtype: Any = jnp.float32):
     group norms' reductions left to XLA): one 256x256 image from DALL-E Mini's VQGAN
     1.12x faster, same temporaries (`python benchmarks/vqgan_decode.py DIR`, README
     "Measured"). 16-bit weights get XLA's defaults: there the option adds 16 MiB of
-    temporaries (96 -> 112), which the bf16 memory target cannot spare.
+    temporaries (96 -> 112, `vqgan_decode.py DIR --dtype bfloat16`), which the bf16
+    memory target cannot spare.
     """
     options = xla_cpu.compiler_options() if jnp.dtype(dtype) == jnp.float32 else {}
     return _decode_jit(**options)
