@@ -16,7 +16,8 @@ holds an fp32 copy); only the VQGAN's decoder half (codebook, post_quant_conv, d
 is kept; the encoder and decoder layers are handed to the sampler as per-layer buffers
 rather than held twice (and, in bf16, so that XLA:CPU makes no float32 copy of a stack:
 `DalleBart.encode`, `transformer._dense`); VQGAN decoding runs one image at a time so its activations do not grow
-with the batch.
+with the batch, and its tallest maps' convolutions by strips of rows
+(`VQGANDecoder.ROWS`, `vqgan.conv_rows`), two full maps alive rather than three.
 """
 
 from __future__ import annotations
@@ -207,9 +208,18 @@ class VQGANDecoder(nnx.Module):
         self.post_quant_conv = Conv(config.embed_dim, config.z_channels, 1, **kw)
         self.decoder = Decoder(config, **kw)
 
-    def decode_latents(self, z: jax.Array) -> jax.Array:
-        """[B, h, w, embed_dim] latents -> [B, H, W, 3] float32 pixels clipped to [0, 1]."""
-        return jnp.clip(self.decoder(self.post_quant_conv(z)).astype(jnp.float32), 0.0, 1.0)
+    # Output rows per strip of the decoder's tallest maps (`vqgan.conv_rows`, `by_rows`):
+    # DALL-E Mini's VQGAN decode (256 rows) 96 -> 76 MiB of temporaries, ~6 % slower
+    # (`benchmarks/vqgan_decode.py DIR`, README "Measured"); 16 rows would also strip the
+    # 128-row maps.
+    ROWS = 32
+
+    def decode_latents(self, z: jax.Array, rows: int | None = ROWS) -> jax.Array:
+        """[B, h, w, embed_dim] latents -> [B, H, W, 3] float32 pixels clipped to [0, 1].
+
+        `rows`: the decoder's strip height (`vqgan.Decoder`); None for whole maps.
+        """
+        return jnp.clip(self.decoder(self.post_quant_conv(z), rows).astype(jnp.float32), 0.0, 1.0)
 
     def latents(self, codes: jax.Array, num_done: jax.Array | None = None) -> jax.Array:
         """[B, S] codes -> [B, h, w, embed_dim] code vectors (row-major grid).
@@ -597,31 +607,34 @@ class DalleMini:
         }
 
 
-def _decode_impl(graphdef, state, codes, num_done):
+def _decode_impl(graphdef, state, codes, num_done, *, rows):
     """[1, S] codes -> [1, H, W, 3] pixels; cells >= num_done from the mean code."""
     v = nnx.merge(graphdef, state)
-    return v.decode_latents(v.latents(codes, num_done))
+    return v.decode_latents(v.latents(codes, num_done), rows)
 
 
 @functools.cache
-def _decode_jit(**options: str):
-    """`_decode_impl` jitted with these XLA compiler options (one jit per set of options)."""
-    return jax.jit(_decode_impl, static_argnums=0, compiler_options=options or None)
+def _decode_jit(rows: int | None, **options: str):
+    """`_decode_impl` jitted for strips of `rows` (None: whole maps) with these XLA
+    compiler options (one jit per choice)."""
+    return jax.jit(functools.partial(_decode_impl, rows=rows), static_argnums=0,
+                   compiler_options=options or None)
 
 
 def vqgan_decode_fn(dtype: Any = jnp.float32):
     """The jitted VQGAN decode (`_decode_impl`: graphdef static, then state, codes [1, S],
-    num_done) for weights of `dtype`, with the XLA:CPU options measured for it.
+    num_done) for weights of `dtype`: strips of `VQGANDecoder.ROWS` rows, with the
+    XLA:CPU options measured for it.
 
     Float32 gets `xla_cpu.compiler_options()` (on a CPU: YNNPACK for the dots only, the
     group norms' reductions left to XLA): one 256x256 image from DALL-E Mini's VQGAN
-    1.12x faster, same temporaries (`python benchmarks/vqgan_decode.py DIR`, README
-    "Measured"). 16-bit weights get XLA's defaults: there the option adds 16 MiB of
-    temporaries (96 -> 112, `vqgan_decode.py DIR --dtype bfloat16`), which the bf16
-    memory target cannot spare.
+    ~1.1x faster, same temporaries (`python benchmarks/vqgan_decode.py DIR`, README
+    "Measured"). 16-bit weights get XLA's defaults: there the option adds temporaries
+    (96 -> 112 MiB with whole maps, 80 -> 101 with strips, `vqgan_decode.py DIR --dtype
+    bfloat16`), which the bf16 memory target cannot spare.
     """
     options = xla_cpu.compiler_options() if jnp.dtype(dtype) == jnp.float32 else {}
-    return _decode_jit(**options)
+    return _decode_jit(VQGANDecoder.ROWS, **options)
 
 
 def _grey(side: int) -> Image.Image:

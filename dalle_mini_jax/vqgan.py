@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -113,8 +113,12 @@ class Conv(nnx.Module):
         self.padding = ((half, half), (half, half)) if padding is None else padding
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, H, W, in] -> [B, H', W', out] in the compute dtype."""
+    def __call__(self, x: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]] | None = None
+                 ) -> jax.Array:
+        """x: [B, H, W, in] -> [B, H', W', out] in the compute dtype.
+
+        `padding` overrides the layer's own (`conv_rows` pads a strip's columns only).
+        """
         x = x.astype(self.dtype)
         kernel = self.kernel[...]
         if kernel.dtype.itemsize == 2:
@@ -128,7 +132,7 @@ class Conv(nnx.Module):
                 x,
                 kernel,
                 window_strides=(self.stride, self.stride),
-                padding=self.padding,
+                padding=self.padding if padding is None else padding,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
         return y + self.bias[...].astype(self.dtype)
@@ -181,20 +185,43 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] -> [B, H, W, C] in the compute dtype."""
+        return self.apply(x, self.statistics_of(x))
+
+    def statistics_of(self, x: jax.Array, rows: int | None = None
+                      ) -> tuple[jax.Array, jax.Array] | None:
+        """(mean, 1/std) of each image's groups, float32 [B, 1, 1, G, 1]; None without statistics.
+
+        `rows` (where `by_rows(H, rows)`): the squared deviations are summed `rows` rows
+        at a time.
+        Why: XLA:CPU does not fuse an elementwise producer into a reduction, so the
+        whole-map form holds (x - mean)^2 as one more full map (`conv_rows`).
+        """
+        if not self.statistics:
+            return None
+        b, h, w, c = x.shape
+        grouped = lambda t: t.astype(jnp.float32).reshape(b, -1, w, self.groups, c // self.groups)
+        mean = grouped(x).mean(axis=(1, 2, 4), keepdims=True)
+        # Two-pass variance (like torch), not E[x^2] - E[x]^2, which cancels badly.
+        if not by_rows(h, rows):
+            var = jnp.square(grouped(x) - mean).mean(axis=(1, 2, 4), keepdims=True)
+        else:
+            def add_rows(i, total):
+                part = grouped(jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1))
+                return total + jnp.square(part - mean).sum(axis=(1, 2, 4), keepdims=True)
+
+            var = jax.lax.fori_loop(0, h // rows, add_rows, jnp.zeros_like(mean)) / (h * w * (c // self.groups))
+        return mean, jax.lax.rsqrt(var + self.eps)
+
+    def apply(self, x: jax.Array, stats: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+        """Normalize x: [B, H', W, C] with `stats` (`statistics_of` the whole map, of
+        which x may be some rows), then the affine map; in the compute dtype."""
         y = x.astype(jnp.float32)
-        if self.statistics:
-            y = self._normalize(y)
+        if stats is not None:
+            mean, rstd = stats
+            b, h, w, c = y.shape
+            y = ((y.reshape(b, h, w, self.groups, c // self.groups) - mean) * rstd).reshape(b, h, w, c)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
-
-    def _normalize(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        xg = x.reshape(b, h, w, self.groups, c // self.groups)
-        mean = xg.mean(axis=(1, 2, 4), keepdims=True)
-        # Two-pass variance (like torch), not E[x^2] - E[x]^2, which cancels badly.
-        centred = xg - mean
-        var = jnp.square(centred).mean(axis=(1, 2, 4), keepdims=True)
-        return (centred * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
 
 
 def make_norm(channels: int, config: VQGANConfig, *, statistics: bool = True,
@@ -202,6 +229,96 @@ def make_norm(channels: int, config: VQGANConfig, *, statistics: bool = True,
     """The model's norm layer: GroupNorm, or only its affine map (a local encoder's)."""
     return GroupNorm(channels, groups=config.norm_groups, eps=config.norm_eps,
                      statistics=statistics, dtype=dtype, param_dtype=param_dtype)
+
+
+def by_rows(height: int, rows: int | None) -> bool:
+    """Whether a map `height` rows tall is computed by strips of `rows` (`conv_rows`):
+    when it makes 8 strips or more and `rows` divides it.
+
+    Why only the tallest maps: they are the peak of memory (the next level down holds a
+    quarter of it), and each strip costs a copy of its output into the map: with strips
+    of 32 rows on the 256-row maps only, DALL-E Mini's VQGAN decode is ~6 % slower than
+    whole maps (`benchmarks/vqgan_decode.py DIR`); striping the 128- and 64-row maps as
+    well was slower still, for the same temporaries (a scratch A/B, not kept).
+    """
+    return rows is not None and height >= 8 * rows and height % rows == 0
+
+
+def conv_rows(conv: Conv, x: jax.Array, pre: Callable[[jax.Array], jax.Array], rows: int, *,
+              up: int = 1, add: jax.Array | None = None,
+              add_fn: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+    """`conv(pre(upsample(x)))` [+ `add_fn(add)`], computed `rows` output rows at a time.
+
+    Args:
+      conv: a stride-1 "same" convolution (3x3 in the decoder).
+      x: [B, h, w, C] the input, before `pre` and the nearest x`up` upsampling.
+      pre: a per-position map applied to rows of x (a GroupNorm with the whole map's
+        statistics, then swish), or the identity.
+      rows: output rows per strip; must divide h * up (`by_rows`).
+      add: [B, h*up, w*up, out] added to the output (a ResnetBlock's residual), through
+        `add_fn` (its 1x1 shortcut) if given.
+
+    Returns (y, x): y [B, h*up, w*up, out], equal to the whole-map computation up to
+    rounding, and x unchanged, passed through the loop: use it rather than the x given
+    (as ResnetBlock adds into it next), so that XLA need not keep a copy.
+
+    Why: decoding a 256x256 image is generation's peak of memory, and there the whole-map
+    form holds three full-resolution maps at once (a block's input, `pre`'s output that
+    feeds the convolution, and the convolution's output: 3 x 32 MiB in f16 DALL-E Mini's
+    VQGAN). By strips, `pre`'s output and the upsampled input exist one strip at a time,
+    and a residual is added into its own input's buffer, strip by strip (nothing later
+    reads those rows of it): two full maps, not three (`benchmarks/vqgan_decode.py`).
+    """
+    b, h, w, c = x.shape
+    H, W = h * up, w * up
+    halo = conv.kernel.shape[0] // 2
+    n = H // rows
+    if n * rows != H or rows % up or n < 2 or rows < halo:
+        raise ValueError(f"{rows} rows per strip do not split {H} rows (x{up}) in two or more strips")
+
+    def strip(x, first, count, pad):
+        """The conv's rows from `first` (output resolution; static, or traced in the
+        loop), reading `count` rows and `pad` = (top, bottom) rows of zero padding."""
+        # Output row r reads input row r // up. `first` is 0 or -halo modulo up, so its
+        # offset in its input row is static.
+        offset = 0 if isinstance(first, int) and first == 0 else (-halo) % up
+        lo = (first - offset) // up
+        t = pre(jax.lax.dynamic_slice_in_dim(x, lo, (offset + count - 1) // up + 1, axis=1))
+        if up > 1:
+            n_in = t.shape[1]
+            t = jnp.broadcast_to(t[:, :, None, :, None, :], (b, n_in, up, w, up, c))
+            t = t.reshape(b, n_in * up, W, c)[:, offset:offset + count]
+        return conv(t, padding=(pad, (halo, halo)))
+
+    in_place = add is not None and add_fn is None and add.dtype == jnp.result_type(conv.dtype)
+
+    def put(out, i, y):
+        """Write strip i (plus its residual) into `out`."""
+        if add is not None:
+            # In place, the residual rows are read from the buffer being written: those
+            # rows are not overwritten yet, and reading `add` itself would make XLA copy it.
+            base = jax.lax.dynamic_slice_in_dim(out if in_place else add, i * rows, rows, axis=1)
+            y = (base if add_fn is None else add_fn(base)).astype(y.dtype) + y
+        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), i * rows, axis=1)
+
+    # The first and last strips (with the map's zero padding) outside the loop; the
+    # output buffer starts as the first, padded, not as zeros, which XLA shares between
+    # loops and copies into each.
+    y0 = strip(x, 0, rows + halo, (halo, 0))
+    if in_place:
+        out = put(add, 0, y0)
+    else:
+        out = put(jnp.pad(y0, ((0, 0), (0, H - rows), (0, 0), (0, 0))).astype(y0.dtype), 0, y0)
+
+    def body(i, carry):
+        out, x = carry
+        return put(out, i, strip(x, i * rows - halo, rows + 2 * halo, (0, 0))), x
+
+    # One strip at a time (a loop, not unrolled: XLA would schedule all strips' inputs
+    # first). x passes through the loop, so a caller that adds into it afterwards uses
+    # the loop's output and XLA need not copy it.
+    out, x = jax.lax.fori_loop(1, n - 1, body, (out, x))
+    return put(out, n - 1, strip(x, H - rows - halo, rows + halo, (0, halo))), x
 
 
 class ResnetBlock(nnx.Module):
@@ -226,8 +343,15 @@ class ResnetBlock(nnx.Module):
         else:
             self.nin_shortcut = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, H, W, in] -> [B, H, W, out]."""
+    def __call__(self, x: jax.Array, rows: int | None = None) -> jax.Array:
+        """x: [B, H, W, in] -> [B, H, W, out]; by strips of `rows` rows (`conv_rows`) where
+        `by_rows(H, rows)`."""
+        if by_rows(x.shape[1], rows) and self.conv1.kernel.shape[0] > 1:
+            s1 = self.norm1.statistics_of(x, rows)
+            h, x = conv_rows(self.conv1, x, lambda t: jax.nn.silu(self.norm1.apply(t, s1)), rows)
+            s2 = self.norm2.statistics_of(h, rows)
+            return conv_rows(self.conv2, h, lambda t: jax.nn.silu(self.norm2.apply(t, s2)), rows,
+                             add=x, add_fn=self.nin_shortcut)[0]
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         if self.nin_shortcut is not None:
@@ -298,9 +422,12 @@ class Upsample(nnx.Module):
         self.patch = patch
         self.conv = Conv(channels, 4 * channels if patch else channels, 1 if patch else 3, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, H, W, C] -> [B, 2H, 2W, C]."""
+    def __call__(self, x: jax.Array, rows: int | None = None) -> jax.Array:
+        """x: [B, H, W, C] -> [B, 2H, 2W, C]; the conv by strips of `rows` rows
+        (`conv_rows`) where `by_rows(2H, rows)`."""
         b, h, w, c = x.shape
+        if by_rows(2 * h, rows) and not self.patch:
+            return conv_rows(self.conv, x, lambda t: t, rows, up=2)[0]
         if self.patch:
             y = self.conv(x).reshape(b, h, w, 2, 2, c)  # [.., dy, dx, C]
             return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c)
@@ -327,9 +454,9 @@ class _Level(nnx.Module):
             if with_attn:
                 setattr(self, f"attn_{j}", AttnBlock(out_ch, config, **kw))
 
-    def _run_blocks(self, x: jax.Array) -> jax.Array:
+    def _run_blocks(self, x: jax.Array, rows: int | None = None) -> jax.Array:
         for j in range(self.num_blocks):
-            x = getattr(self, f"block_{j}")(x)
+            x = getattr(self, f"block_{j}")(x, rows)
             if self.has_attn:
                 x = getattr(self, f"attn_{j}")(x)
         return x
@@ -367,10 +494,10 @@ class UpBlock(_Level):
                            res in config.attn_resolutions, config, kw)
         self.upsample = Upsample(out_ch, patch=config.patch_codes, **kw) if level != 0 else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, H, W, in] -> [B, 2H, 2W, out] (H, W kept at level 0)."""
-        x = self._run_blocks(x)
-        return x if self.upsample is None else self.upsample(x)
+    def __call__(self, x: jax.Array, rows: int | None = None) -> jax.Array:
+        """x: [B, H, W, in] -> [B, 2H, 2W, out] (H, W kept at level 0); `rows`: see Decoder."""
+        x = self._run_blocks(x, rows)
+        return x if self.upsample is None else self.upsample(x, rows)
 
 
 class MidBlock(nnx.Module):
@@ -447,10 +574,20 @@ class Decoder(nnx.Module):
         self.norm_out = make_norm(bottom, config, dtype=dtype, param_dtype=param_dtype)
         self.conv_out = Conv(bottom, config.out_channels, 3, **kw)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def __call__(self, z: jax.Array, rows: int | None = None) -> jax.Array:
+        """z: [B, h, w, z_channels] -> [B, H, W, out_channels].
+
+        `rows` (inference): the 3x3 convolutions of maps taller than that (and a
+        multiple of it, `by_rows`) run `rows` output rows at a time (`conv_rows`), so
+        each holds two full maps rather than three; the same numbers up to rounding.
+        None: whole maps (training).
+        """
         h = self.mid(self.conv_in(z))
         for i in reversed(range(self.num_levels)):
-            h = getattr(self, f"up_{i}")(h)
+            h = getattr(self, f"up_{i}")(h, rows)
+        if by_rows(h.shape[1], rows):
+            stats = self.norm_out.statistics_of(h, rows)
+            return conv_rows(self.conv_out, h, lambda t: jax.nn.silu(self.norm_out.apply(t, stats)), rows)[0]
         return self.conv_out(jax.nn.silu(self.norm_out(h)))
 
 
@@ -708,6 +845,6 @@ def released_param_shapes(config: VQGANConfig) -> dict[str, tuple[int, ...]]:
 
 __all__ = [
     "DEFAULT_BETA", "Conv", "GroupNorm", "ResnetBlock", "AttnBlock", "Downsample", "Upsample",
-    "DownBlock", "UpBlock", "MidBlock", "Encoder", "Decoder", "Embedding", "VectorQuantizer",
+    "DownBlock", "UpBlock", "MidBlock", "by_rows", "conv_rows", "Encoder", "Decoder", "Embedding", "VectorQuantizer",
     "VQModel", "released_name", "released_param_shapes",
 ]

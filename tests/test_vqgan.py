@@ -393,3 +393,53 @@ def test_bfloat16_decode_widens_each_weight_only_when_it_is_used():
         temps[dtype] = compiled.memory_analysis().temp_size_in_bytes
     weights = sum(x.size * 4 for x in jax.tree.leaves(state))
     assert temps[jnp.bfloat16] <= temps[jnp.float32] + weights // 4, (temps, weights)
+
+
+@pytest.mark.parametrize("up", [1, 2])
+def test_conv_rows_matches_the_whole_map(up):
+    """`conv_rows` = conv(pre(upsample(x))) [+ residual], strip by strip: the first and
+    last strips carry the map's zero padding, the middle ones read a halo row each side."""
+    from dalle_mini_jax.vqgan import Conv, conv_rows
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 16 // up, 8, 8)), jnp.float32)
+    res = jnp.asarray(rng.normal(size=(2, 16, 8 * up, 8)), jnp.float32)  # output-sized
+    same = Conv(8, 8, 3, rngs=nnx.Rngs(1))
+    wider = Conv(8, 12, 3, rngs=nnx.Rngs(2))
+    shortcut = Conv(8, 12, 1, rngs=nnx.Rngs(3))
+    pre = jax.nn.silu
+
+    def upsampled(t):
+        return jnp.repeat(jnp.repeat(t, up, axis=1), up, axis=2)
+
+    for rows in (2, 4, 8):
+        got = jax.jit(lambda x: conv_rows(same, x, pre, rows, up=up)[0])(x)
+        np.testing.assert_allclose(got, same(pre(upsampled(x))), atol=1e-5)
+        got, passed = jax.jit(lambda x, r: conv_rows(same, x, pre, rows, up=up, add=r))(x, res)
+        np.testing.assert_allclose(got, res + same(pre(upsampled(x))), atol=1e-5)
+        np.testing.assert_array_equal(passed, x)  # the input comes back unchanged
+        got = jax.jit(lambda x, r: conv_rows(wider, x, pre, rows, up=up, add=r, add_fn=shortcut)[0])(x, res)
+        np.testing.assert_allclose(got, shortcut(res) + wider(pre(upsampled(x))), atol=1e-5)
+    with pytest.raises(ValueError, match="rows per strip"):
+        conv_rows(same, x, pre, 5, up=up)
+
+
+def test_decoder_by_rows_matches_whole_maps_with_fewer_temporaries():
+    """The decoder's large maps by strips (`Decoder(z, rows)`, what the pipeline decodes
+    with): the same pixels up to rounding, and two full-size maps alive, not three."""
+    from dalle_mini_jax.vqgan import by_rows
+
+    cfg = TINY.replace(resolution=64)  # 16x16 latents; 64x64 maps of 32 channels at the top
+    decoder = Decoder(cfg, rngs=nnx.Rngs(0))
+    z = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16, 16, cfg.z_channels)), jnp.float32)
+    rows = 8
+    assert by_rows(64, rows) and not by_rows(32, rows) and not by_rows(68, 8)
+    graphdef, state = nnx.split(decoder)
+    run = {r: jax.jit(lambda s, z, r=r: nnx.merge(graphdef, s)(z, r)).lower(state, z).compile()
+           for r in (None, rows)}
+    whole, strips = (np.asarray(run[r](state, z)) for r in (None, rows))
+    assert whole.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(strips, whole, atol=2e-5 * np.abs(whole).max())
+    temps = {r: c.memory_analysis().temp_size_in_bytes for r, c in run.items()}
+    full_map = 64 * 64 * cfg.channels * 4
+    assert temps[rows] <= temps[None] - full_map // 2, (temps, full_map)
