@@ -23,6 +23,11 @@ What it does, in one run:
      whichever configurations ran (null for those that did not); `peak_rss_mb` and
      `peak_rss_dtype` map each configuration to its peak and its weights' dtype.
 
+Units: `peak_rss_mb` and `weights_mb` are MiB (2^20 bytes; /proc reports kB = KiB),
+whatever the "mb" in the names required by issue 3; `peak_rss_gb` is the same peak in
+decimal GB (10^9 bytes) and `peak_rss_gib` in GiB, so a target written in "GB" can be
+read either way. `step_bytes_mb` and the bandwidths are decimal (10^6, 10^9 bytes).
+
 The floor of a decode step is (bytes of decoder weights a step must read: every decoder
 layer except the cross-attention k/v kernels, plus lm_head) / bandwidth.
 
@@ -311,7 +316,9 @@ def summarize(args, r: dict, bw: dict[str, float], step_bytes: int, md_runs: int
         min_dalle_1_s=g("md1", "total_s"), min_dalle_grid_s=g("mdgrid", "total_s"),
         vqgan_s_per_image=g("ours1", "vqgan_s_per_image"), first_call_s=g("ours1", "first_call_s"),
         weights_mb=g("ours1", "weights_mb") or g("oursgrid", "weights_mb"),
-        peak_rss_mb={k: g(k, "peak_rss_mb") for k, _, _ in CONFIGS},
+        peak_rss_mb={k: g(k, "peak_rss_mb") for k, _, _ in CONFIGS},  # MiB
+        peak_rss_gb={k: g(k, "peak_rss_mb") and g(k, "peak_rss_mb") * 2**20 / 1e9 for k, _, _ in CONFIGS},
+        peak_rss_gib={k: g(k, "peak_rss_mb") and g(k, "peak_rss_mb") / 1024 for k, _, _ in CONFIGS},
         peak_rss_dtype={k: g(k, "weights_dtype") or nominal[k] for k, _, _ in CONFIGS},
     )
     summary["step_over_floor"] = summary["step_ms"] / floor_ms if summary["step_ms"] else None
@@ -383,8 +390,9 @@ def main(argv=None) -> int:
 
     rows = []
     for k, v in summary.items():
-        if k == "peak_rss_mb":
-            rows += [(f"peak_rss_mb {c} ({summary['peak_rss_dtype'][c]})", x) for c, x in v.items()]
+        if k.startswith("peak_rss_") and k != "peak_rss_dtype":
+            unit = {"peak_rss_mb": "MiB", "peak_rss_gb": "GB", "peak_rss_gib": "GiB"}[k]
+            rows += [(f"{k} {c} ({summary['peak_rss_dtype'][c]}, {unit})", x) for c, x in v.items()]
         elif k == "bandwidth_kernels_gb_s":
             rows += [(f"bandwidth_gb_s {c}", x) for c, x in v.items()]
         elif k != "peak_rss_dtype":

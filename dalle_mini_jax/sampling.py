@@ -54,7 +54,7 @@ from flax import nnx
 
 from .host_memory import compile_then_trim
 from .sharding import activate, constrain
-from .transformer import CACHE_AXES, DalleBart, DecodeCache, OutMajor, host_rows
+from .transformer import CACHE_AXES, DalleBart, DecodeCache, OutMajor, TableBits, host_rows
 
 # Defaults of the original dalle-mini inference notebook, which the released models were
 # shown with: condition scale 10, and top-k 50 (its `top_k=None` falls back to the HF
@@ -345,6 +345,7 @@ def decode_steps(
     model: DalleBart,
     layers: list[Any] | None,
     head: OutMajor | None,
+    token_table: TableBits | None,
     state: DecodeState,
     keys: jax.Array,
     begin: jax.Array,
@@ -363,6 +364,8 @@ def decode_steps(
       layers: its decoder layers as separate per-layer buffers (`split_decoder_layers`),
         or None to slice the stacked weights (XLA:CPU then copies each slice).
       head: lm_head as an `OutMajor` (`split_head`), or None for the model's.
+      token_table: the decoder's token table as bits (`split_token_table`), or None
+        for the model's.
       state: from `start_state` or a previous call.
       keys: [B] typed image keys.
       begin, end: int32 scalars (traced: every chunk size shares one compilation).
@@ -378,7 +381,7 @@ def decode_steps(
 
     def body(i, st: DecodeState) -> DecodeState:
         fed = jnp.concatenate([st.last, st.last]) if guided else st.last
-        logits, cache = model.decode_step(fed, i, st.cache, layers, head)
+        logits, cache = model.decode_step(fed, i, st.cache, layers, head, token_table)
         if guided:
             logits = apply_guidance(logits, guidance)
         codes = sample_codes(keys, logits, i, num_codes, temperature, top_k, top_p)
@@ -499,6 +502,19 @@ def split_head(model: DalleBart, parts: int) -> OutMajor:
     return head
 
 
+def split_token_table(model: DalleBart) -> TableBits | None:
+    """The decoder's token table as `TableBits`, taken over from the model (its own
+    becomes an empty placeholder: it then needs `decode_step(token_table=...)`), when
+    the table is bf16/f16; None for float32, whose rows XLA:CPU gathers in place."""
+    var = model.dec_embed.tokens
+    x = var[...]
+    if not (x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)):
+        return None
+    table = TableBits.of(x)
+    _release(var, table)
+    return table
+
+
 def split_encoder_layers(model: DalleBart, release_stacked: bool = False) -> list[dict]:
     """The encoder layers as L separate pytrees (`DalleBart.encode(..., layers=)` says
     why). With `release_stacked` the model can only `encode(..., layers=...)` after."""
@@ -514,14 +530,16 @@ def _start_impl(graphdef, mesh, params, enc_layers, input_ids, attention_mask, r
     return start_state(model, input_ids, attention_mask, rows, uncond_row, enc_layers, token_rows)
 
 
-def _run_impl(graphdef, mesh, params, layers, head, state, keys, begin, end, temperature, guidance, top_p, top_k):
+def _run_impl(graphdef, mesh, params, layers, head, token_table, state, keys, begin, end, temperature,
+              guidance, top_p, top_k):
     TRACE_COUNTS["run"] += 1
     model = nnx.merge(graphdef, params)
-    return decode_steps(model, layers, head, state, keys, begin, end, temperature, guidance, top_k, top_p)
+    return decode_steps(model, layers, head, token_table, state, keys, begin, end, temperature,
+                        guidance, top_k, top_p)
 
 
 _jit_start = jax.jit(_start_impl, static_argnums=(0, 1))
-_jit_run = jax.jit(_run_impl, static_argnums=(0, 1), donate_argnums=(5,), static_argnames=("top_k",))
+_jit_run = jax.jit(_run_impl, static_argnums=(0, 1), donate_argnums=(6,), static_argnames=("top_k",))
 
 
 class TokenSampler:
@@ -538,8 +556,9 @@ class TokenSampler:
       model: a DalleBart (parameters already sharded if `mesh` is given).
       mesh: the mesh its parameters live on, or None. Tracing happens inside
         `sharding.activate(mesh)` so activations follow the rule table.
-      release_stacked: hand the stacked encoder and decoder weights over to the sampler
-        instead of holding them twice (see `split_layers`); for a model the caller owns.
+      release_stacked: hand the stacked encoder and decoder weights, lm_head and a
+        16-bit decoder token table (`split_token_table`) over to the sampler instead of
+        holding them twice (see `split_layers`); for a model the caller owns.
       text_table: the encoder's token table on the host (typically a memory map of the
         checkpoint), for a model loaded by `DalleBart.from_pretrained_text_table_on_host`;
         each start looks up its prompts' rows there (`host_rows`). None: the model's own.
@@ -556,6 +575,7 @@ class TokenSampler:
         self._layers = split_decoder_layers(model, release_stacked=release_stacked, parts=parts)
         # lm_head likewise, when the sampler may take it over (else it would be held twice).
         self._head = split_head(model, parts) if release_stacked else None
+        self._tokens = split_token_table(model) if release_stacked else None
         self._enc_layers = split_encoder_layers(model, release_stacked=release_stacked)
         self._graphdef, self._params = nnx.split(model)
 
@@ -614,7 +634,7 @@ class TokenSampler:
         top_k = settings.top_k
         if top_k is not None and top_k >= self.config.num_image_codes:
             top_k = None  # keeping every code is no filter: skip the work
-        args = (self._graphdef, self.mesh, self._params, self._layers, self._head, state, keys,
+        args = (self._graphdef, self.mesh, self._params, self._layers, self._head, self._tokens, state, keys,
                 jnp.int32(begin), jnp.int32(end), jnp.float32(settings.temperature),
                 jnp.float32(settings.guidance) if settings.guided else None,
                 jnp.float32(settings.top_p) if settings.uses_top_p else None)

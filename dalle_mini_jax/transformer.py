@@ -251,15 +251,44 @@ def _decoder_layer(
     return constrain(h, ("act_batch", "act_len", "act_embed"))
 
 
-def _rows(table: jax.Array, idx: jax.Array) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TableBits:
+    """A bf16/f16 table held as its bits, for the row lookups of a decode loop.
+
+    Why: `_rows` gathers a 16-bit float table's bits (see there), but inside a jitted
+    loop the bitcast of the whole table is itself loop-invariant: XLA:CPU hoists it and
+    keeps a uint16 copy of the table through every generation (DALL-E Mini's decoder
+    token table in bf16: 16,385 x 1,024 x 2 bytes = 32 MiB of the decode loop's 61 MiB
+    of temporaries, `python benchmarks/load_memory.py DIR --dtype bfloat16 --compiled`).
+    Held as bits from the start, there is nothing to copy. The sampler takes the
+    decoder's table over this way (`sampling.split_token_table`).
+    """
+
+    bits: jax.Array  # [V, D] uint16
+    dtype: Any = dataclasses.field(metadata=dict(static=True))  # the float dtype they encode
+
+    @classmethod
+    def of(cls, table: jax.Array) -> "TableBits":
+        """The bits of a bf16/f16 `table` (a new buffer, placed like `table`)."""
+        return cls(jax.lax.bitcast_convert_type(table, jnp.uint16), table.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.bits.shape
+
+
+def _rows(table: jax.Array | TableBits, idx: jax.Array) -> jax.Array:
     """table[idx] as float32, reading only the rows asked for.
 
     Why the bit-level gather: XLA:CPU widens a bf16/f16 gather's whole table to float32
     (moving the convert above the gather), and in the decode loop that copy is
     loop-invariant, so it is hoisted and kept: 16,385 x 1,024 x 4 bytes = 67 MB for DALL-E
     Mini's token table. A gather of 16-bit integers is never widened; the rows are
-    reinterpreted after it.
+    reinterpreted after it. A `TableBits` is gathered as it is.
     """
+    if isinstance(table, TableBits):
+        return jax.lax.bitcast_convert_type(table.bits[idx], table.dtype).astype(jnp.float32)
     if table.dtype.itemsize == 2 and jnp.issubdtype(table.dtype, jnp.floating):
         return _rows16(table, idx)
     return table[idx].astype(jnp.float32)
@@ -467,7 +496,8 @@ class DalleBart(nnx.Module):
 
     def decode_step(self, tokens: jax.Array, position: jax.Array, cache: DecodeCache,
                     layers: list[Any] | None = None,
-                    head: OutMajor | None = None) -> tuple[jax.Array, DecodeCache]:
+                    head: OutMajor | None = None,
+                    token_table: TableBits | None = None) -> tuple[jax.Array, DecodeCache]:
         """Logits for one position, given all earlier ones in the cache.
 
         Args:
@@ -480,12 +510,17 @@ class DalleBart(nnx.Module):
             before a dot, which triples the memory traffic of a weight-bound step;
             the sampler passes separate per-layer buffers instead. Same logits.
           head: optional, lm_head as an `OutMajor` (the sampler's), else the model's.
+          token_table: optional, the decoder's token table as `TableBits` (the
+            sampler's, for 16-bit weights), else the model's.
 
         Returns:
           (logits [B, V] float32 predicting position+1's token, the updated cache).
         """
         cfg = self.config
-        h = _embed(cfg, _values(self.dec_embed), tokens[:, None], position[None], self.dtype)
+        embed = _values(self.dec_embed)
+        if token_table is not None:
+            embed = {**embed, "tokens": token_table}
+        h = _embed(cfg, embed, tokens[:, None], position[None], self.dtype)
         stacked = _values(self.dec_layers) if layers is None else None
         # Each layer first writes its new key/value into the cache, then attends over
         # positions <= `position` of the updated cache, so every read of the cache comes

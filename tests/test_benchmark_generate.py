@@ -35,5 +35,8 @@ def test_floor_is_step_bytes_over_the_best_bandwidth():
     assert s["bandwidth_gb_s"] == pytest.approx(25.0)
     assert s["bandwidth_kernels_gb_s"] == pytest.approx({"numpy_sum": 10.0, "numpy_max": 20.0, "xla_sum": 25.0})
     assert s["speedup_1"] == pytest.approx(1.5) and s["speedup_grid"] is None
+    # peak_rss_mb is MiB; the same peak in decimal GB and in GiB, null where not run.
+    assert s["peak_rss_gb"]["ours1"] == pytest.approx(2000 * 2**20 / 1e9) and s["peak_rss_gb"]["mdgrid"] is None
+    assert s["peak_rss_gib"]["md1"] == pytest.approx(3000 / 1024)
     # DALL-E Mini fp32: 12 layers of 6 D^2 + 3 D F (+ norms) and lm_head, 772 MB a step.
     assert step_bytes / 1e6 == pytest.approx(772, abs=1)

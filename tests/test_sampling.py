@@ -14,7 +14,7 @@ from dalle_mini_jax.config import TRANSFORMER_PRESETS
 from dalle_mini_jax.sampling import (SamplingSettings, apply_guidance, image_keys, sample_codes,
                                      top_k_mask, top_p_mask, warp_logits)
 from dalle_mini_jax.sharding import make_mesh, shard_model
-from dalle_mini_jax.transformer import DalleBart
+from dalle_mini_jax.transformer import DalleBart, TableBits
 
 NEG = -jnp.inf
 
@@ -241,9 +241,13 @@ def test_sharded_equals_single_device(tiny, mesh_shape):
     np.testing.assert_array_equal(got, want)
 
 
-def test_release_stacked_frees_the_stacked_decoder(tiny):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_release_stacked_frees_the_stacked_decoder(tiny, dtype):
+    """Same tokens once the sampler has taken the weights over; in bfloat16 that includes
+    the decoder's token table, then read as its bits (`TableBits`)."""
     cfg, _, ids, mask = tiny
-    model = _init(cfg)
+    model = _init(cfg) if dtype == jnp.float32 else nnx.jit(
+        lambda: DalleBart(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))()
     settings = SamplingSettings(top_k=10, guidance=5.0)  # as test_chunks: shared compile
     rows, keys = np.array([0, 1, 0]), image_keys(1, ["a", "b", "a"], [0, 0, 1])
     ref = _sample(sampling.TokenSampler(model), ids, mask, rows, keys, settings)
@@ -251,6 +255,7 @@ def test_release_stacked_frees_the_stacked_decoder(tiny):
     assert model.dec_layers.mlp.wi_gate[...].size == 0
     assert model.enc_layers.mlp.wi_gate[...].size == 0  # the encoder runs from its split too
     assert model.dec_layers.cross_attn.k[...].size > 0  # still needed by init_cache
+    assert (sampler._tokens is None) == (dtype == jnp.float32)  # f32 rows are gathered in place
     np.testing.assert_array_equal(_sample(sampler, ids, mask, rows, keys, settings), ref)
 
 
@@ -258,7 +263,9 @@ def test_bfloat16_sampling_holds_no_float32_copy_of_a_weight(tiny):
     """XLA:CPU widens bf16 gathers, dynamic-slices and bf16-output dots to float32, and
     hoists the widened weights out of loops (the decode loop, the encoder's scan), which
     held a float32 copy of DALL-E Mini's weights through every bf16 generation. Neither
-    compiled function may hold a float32 array shaped like a weight."""
+    compiled function may hold a float32 array shaped like a weight, nor a uint16 one
+    (the bits of the decoder's token table, bitcast inside the loop, were a hoisted
+    copy too: `TableBits`)."""
     _, _, ids, mask = tiny
     # Sizes no activation has, so a float32 array of a weight's shape is a weight copy.
     cfg = TRANSFORMER_PRESETS["tiny"].replace(embed_dim=40, num_heads=4, mlp_dim=72)
@@ -278,5 +285,12 @@ def test_bfloat16_sampling_holds_no_float32_copy_of_a_weight(tiny):
     for name, lowered in (("start", sampler.lower_start(ids, mask, rows, uncond)),
                           ("run", sampler.lower_run(state, keys, 0, 4, settings))):
         hlo = lowered.compile().as_text()
+        # The start bitcasts the encoder's table once (a transient, not a loop's hoisted
+        # copy; a pipeline keeps that table on the host and passes rows instead).
         f32 = {tuple(int(d) for d in m.split(",")) for m in re.findall(r"f32\[(\d+(?:,\d+)+)\]", hlo)}
         assert not f32 & shapes, f"{name} holds float32 weight copies: {sorted(f32 & shapes)}"
+        if name == "run":  # uint16 arrays made by an op (the table's bits come in as a parameter)
+            made = re.findall(r"= u16\[(\d+(?:,\d+)+)\]\S* (?!parameter|get-tuple-element|bitcast\()", hlo)
+            u16 = {tuple(int(d) for d in m.split(",")) for m in made}
+            assert not u16 & shapes, f"run holds uint16 weight copies: {sorted(u16 & shapes)}"
+    assert isinstance(sampler._tokens, TableBits) and model.dec_embed.tokens[...].size == 0
