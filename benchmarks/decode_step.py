@@ -10,8 +10,10 @@ per-layer kernels in (`sampling.split_decoder_layers(parts=)`):
   parts 0   [in, out], as the model stores them (the layout before `OutMajor`);
   parts 1   [out, in] in one piece (`transformer.OutMajor`);
   parts C   [out, in] cut in one part per core (`sampling.kernel_parts()`, the default);
-  parts C + head   the same with lm_head cut likewise (`sampling.split_head`, what a
-            pipeline's sampler holds);
+  parts C + head   the same with lm_head cut likewise (`sampling.split_head`);
+  parts C + head + host table   and the decoder's token table read on the host, a row
+            per image each step (`sampling.HostTable`, what a pipeline's sampler holds
+            on a CPU: here a numpy copy of the table rather than a memory map of the file);
 
 it runs the first `--steps` guided decode steps (top-k 50, guidance 10, a random
 prompt; a step attends over the whole cache, masked, so its cost does not depend on
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from dalle_mini_jax.sampling import (SamplingSettings, TokenSampler, image_keys, kernel_parts,
+    from dalle_mini_jax.sampling import (HostTable, SamplingSettings, TokenSampler, image_keys, kernel_parts,
                                          split_decoder_layers, split_head)
     from dalle_mini_jax.transformer import DalleBart
 
@@ -65,25 +67,32 @@ def main(argv=None) -> int:
         sampler._layers = None
         gc.collect()
         sampler._layers = split_decoder_layers(model, parts=parts)
+        sources = {"": None}
         if split:
             sampler._head = split_head(model, parts)
+            # The token table's two homes, run alternately (run r of each, then r + 1).
+            table = np.asarray(jax.device_get(model.dec_embed.tokens[...]))
+            sources[" + host table"] = HostTable.register(sampler, table, model.dtype)
         for n in args.images:
             keys = image_keys(1, ["p"] * n, list(range(n)))
-            times = []
+            times = {k: [] for k in sources}
             for r in range(args.runs + 1):  # the first run compiles: not timed
-                state = sampler.start(ids, mask, np.zeros(n, np.int32), 1)
-                jax.block_until_ready(state)
-                t = time.perf_counter()
-                state = sampler.run(state, keys, 0, args.steps, settings)
-                state.tokens.block_until_ready()
-                if r:
-                    times.append((time.perf_counter() - t) / args.steps * 1e3)
-            name = f"parts {parts}" + (" + head" if split else "")
-            results[n].append((name, statistics.median(times), times))
+                for k, source in sources.items():
+                    sampler._tokens = source
+                    state = sampler.start(ids, mask, np.zeros(n, np.int32), 1)
+                    jax.block_until_ready(state)
+                    t = time.perf_counter()
+                    state = sampler.run(state, keys, 0, args.steps, settings)
+                    state.tokens.block_until_ready()
+                    if r:
+                        times[k].append((time.perf_counter() - t) / args.steps * 1e3)
+            for k, ts in times.items():
+                name = f"parts {parts}" + (" + head" if split else "") + k
+                results[n].append((name, statistics.median(ts), ts))
     for n, rows in results.items():
         first = rows[0][1]
         for name, ms, times in rows:
-            print(f"images {n}  {name:<14} {ms:7.1f} ms/step  {first / ms:5.2f}x  "
+            print(f"images {n}  {name:<27} {ms:7.1f} ms/step  {first / ms:5.2f}x  "
                   f"({', '.join(f'{t:.1f}' for t in times)})", flush=True)
     return 0
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     from dalle_mini_jax.config import DalleBartConfig
     from dalle_mini_jax.host_memory import large_buffers_mapped, return_free_memory
     from dalle_mini_jax.text import TextTokenizer
-    from dalle_mini_jax.transformer import DalleBart
+    from dalle_mini_jax.transformer import IMAGE_TABLE, TEXT_TABLE, DalleBart
 
     report("imports")
     dtype = pl.resolve_dtype(args.dtype)
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     vqgan = pl.VQGANDecoder.from_pretrained(args.model_dir / "vqgan", dtype=dtype)
     return_free_memory()
     report("VQGAN decoder loaded")
-    model, text_table = DalleBart.from_pretrained_text_table_on_host(args.model_dir, dtype=dtype)
+    # As DalleMini.from_pretrained on a CPU: both token tables stay in the file.
+    model, on_host = DalleBart.from_pretrained_tables_on_host(args.model_dir, dtype=dtype)
     report("DalleBart loaded")
     return_free_memory()
     report("trimmed")
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     tokenizer = TextTokenizer.from_pretrained(args.model_dir, text_len=config.text_len,
                                               normalize=config.normalize_text)
     pipe = pl.DalleMini(model, vqgan, tokenizer, name=args.model_dir.name, release_stacked=True,
-                        text_table=text_table)
+                        text_table=on_host[TEXT_TABLE], image_table=on_host[IMAGE_TABLE])
     loading.close()
     report("layers split (enc + dec)")
     return_free_memory()

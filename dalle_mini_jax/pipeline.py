@@ -42,7 +42,7 @@ from .checkpoint import read_msgpack
 from .config import ConfigError, DalleBartConfig, VQGANConfig
 from .host_memory import compile_then_trim, large_buffers_mapped, return_free_memory
 from .sampling import MODEL_DEFAULT, ModelDefault, SamplingSettings, TokenSampler, image_keys
-from .transformer import DalleBart
+from .transformer import IMAGE_TABLE, TEXT_TABLE, DalleBart
 from .vqgan import Conv, Decoder, VectorQuantizer, released_name
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "bundled" / "model"
@@ -286,13 +286,15 @@ class DalleMini:
     A pipeline owns its model: `from_pretrained` hands the stacked layer weights to the
     sampler (`release_stacked`) and leaves the encoder's token table in the checkpoint
     file, memory-mapped (`text_table`; the model holds an empty placeholder, see
-    `DalleBart.from_pretrained_text_table_on_host`), so `pipe.model` can only be used
-    through the pipeline. Build one with `DalleBart.from_pretrained` for anything else.
+    `DalleBart.from_pretrained_text_table_on_host`), and on a CPU without a mesh the
+    decoder's token table as well (`image_table`, `sampling.HostTable`), so `pipe.model`
+    can only be used through the pipeline. Build one with `DalleBart.from_pretrained`
+    for anything else.
     """
 
     def __init__(self, model: DalleBart, vqgan: VQGANDecoder, tokenizer, name: str = "model",
                  mesh=None, release_stacked: bool = False, defaults: SamplingSettings | None = None,
-                 text_table: np.ndarray | None = None):
+                 text_table: np.ndarray | None = None, image_table: np.ndarray | None = None):
         cfg = model.config
         vq = vqgan.config
         if cfg.num_image_codes > vq.codebook_size:
@@ -308,7 +310,8 @@ class DalleMini:
         self.model, self.vqgan, self.tokenizer = model, vqgan, tokenizer
         self.config, self.name, self.mesh = cfg, name, mesh
         self.defaults = SamplingSettings() if defaults is None else defaults
-        self.sampler = TokenSampler(model, mesh=mesh, release_stacked=release_stacked, text_table=text_table)
+        self.sampler = TokenSampler(model, mesh=mesh, release_stacked=release_stacked, text_table=text_table,
+                                    image_table=image_table)
         self._vq_graphdef, self._vq_state = nnx.split(vqgan)
         self._vq_decode = vqgan_decode_fn(jax.tree.leaves(self._vq_state)[0].dtype)
         self._vq_compiled = False  # see _compile_vqgan
@@ -345,14 +348,17 @@ class DalleMini:
                                                   normalize=config.normalize_text)
         with large_buffers_mapped():
             vqgan = VQGANDecoder.from_pretrained(vq_path, dtype=dtype)
-            model, text_table = DalleBart.from_pretrained_text_table_on_host(path, dtype=dtype, mesh=mesh)
+            # On a CPU without a mesh the decoder's token table stays in the file too
+            # (`sampling.HostTable`: a host callback per step, which elsewhere would stall).
+            tables = (TEXT_TABLE, IMAGE_TABLE) if mesh is None and jax.default_backend() == "cpu" else (TEXT_TABLE,)
+            model, on_host = DalleBart.from_pretrained_tables_on_host(path, dtype=dtype, mesh=mesh, tables=tables)
             # Give the host tensors freed by loading back to the OS before the sampler
             # splits the stacked decoder into per-layer buffers (benchmarks/load_memory.py:
             # mini fp32 2.06 GB resident after the trim, 2.12 GB after the split).
             return_free_memory()
             name = "bundled" if model_dir is None else path.name
             pipe = cls(model, vqgan, tokenizer, name=name, mesh=mesh, release_stacked=True,
-                       defaults=defaults, text_table=text_table)
+                       defaults=defaults, text_table=on_host[TEXT_TABLE], image_table=on_host.get(IMAGE_TABLE))
         return_free_memory()
         pipe._compile_vqgan()
         return pipe

@@ -43,7 +43,9 @@ import dataclasses
 import enum
 import functools
 import numbers
+import itertools
 import os
+import weakref
 import zlib
 from typing import Any, Sequence
 
@@ -341,11 +343,58 @@ def start_state(
     )
 
 
+# Decoder token tables left on the host (`HostTable`), by key. A registry rather than a
+# closure, so the decode loop's compiled program stays shared between samplers.
+_HOST_TABLES: dict[int, tuple[np.ndarray, Any]] = {}
+_HOST_TABLE_KEYS = itertools.count()
+
+
+def _host_table_rows(key: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Runs on the host inside the decode loop (`jax.pure_callback`): [B] ids -> [B, D]."""
+    table, dtype = _HOST_TABLES[int(key)]
+    return host_rows(table, ids, dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HostTable:
+    """The decoder's token table left on the host, read a row per image each step.
+
+    Why: a decode step reads B rows of the [V, D] table; held on the device it is
+    resident all the time (DALL-E Mini: 67 MB in float32, 34 MB in bf16), while a
+    memory map of the checkpoint (`DalleBart.from_pretrained_tables_on_host`) keeps
+    resident only the pages read. The rows are read by a host callback in the loop,
+    which on a CPU costs a function call; on an accelerator it would stall every step,
+    so pipelines use it on a CPU only (`DalleMini.from_pretrained`).
+
+    Attributes:
+      key: int32 scalar naming the table in the registry (`register`).
+      dim: D (static).
+    """
+
+    key: jax.Array
+    dim: int = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def register(cls, owner: Any, table: np.ndarray, dtype) -> "HostTable":
+        """Register `table` (rows rounded to `dtype`, as `host_rows`) for as long as
+        `owner` lives."""
+        key = next(_HOST_TABLE_KEYS)
+        _HOST_TABLES[key] = (table, dtype)
+        weakref.finalize(owner, _HOST_TABLES.pop, key, None)
+        return cls(jnp.int32(key), int(table.shape[1]))
+
+    def rows(self, ids: jax.Array) -> jax.Array:
+        """[B] int token ids -> [B, D] float32 rows (read on the host)."""
+        out = jax.ShapeDtypeStruct((ids.shape[0], self.dim), jnp.float32)
+        return jax.pure_callback(_host_table_rows, out, self.key, ids)
+
+
 def decode_steps(
     model: DalleBart,
     layers: list[Any] | None,
     head: OutMajor | None,
-    token_table: TableBits | None,
+    token_table: TableBits | HostTable | None,
     state: DecodeState,
     keys: jax.Array,
     begin: jax.Array,
@@ -364,8 +413,8 @@ def decode_steps(
       layers: its decoder layers as separate per-layer buffers (`split_decoder_layers`),
         or None to slice the stacked weights (XLA:CPU then copies each slice).
       head: lm_head as an `OutMajor` (`split_head`), or None for the model's.
-      token_table: the decoder's token table as bits (`split_token_table`), or None
-        for the model's.
+      token_table: the decoder's token table as bits (`split_token_table`), on the
+        host (`HostTable`), or None for the model's.
       state: from `start_state` or a previous call.
       keys: [B] typed image keys.
       begin, end: int32 scalars (traced: every chunk size shares one compilation).
@@ -381,7 +430,12 @@ def decode_steps(
 
     def body(i, st: DecodeState) -> DecodeState:
         fed = jnp.concatenate([st.last, st.last]) if guided else st.last
-        logits, cache = model.decode_step(fed, i, st.cache, layers, head, token_table)
+        if isinstance(token_table, HostTable):
+            rows = token_table.rows(st.last)
+            rows = jnp.concatenate([rows, rows]) if guided else rows
+            logits, cache = model.decode_step(fed, i, st.cache, layers, head, token_rows=rows)
+        else:
+            logits, cache = model.decode_step(fed, i, st.cache, layers, head, token_table)
         if guided:
             logits = apply_guidance(logits, guidance)
         codes = sample_codes(keys, logits, i, num_codes, temperature, top_k, top_p)
@@ -562,10 +616,12 @@ class TokenSampler:
       text_table: the encoder's token table on the host (typically a memory map of the
         checkpoint), for a model loaded by `DalleBart.from_pretrained_text_table_on_host`;
         each start looks up its prompts' rows there (`host_rows`). None: the model's own.
+      image_table: likewise the decoder's token table (`from_pretrained_tables_on_host`),
+        read row by row in the decode loop (`HostTable`). None: the model's own.
     """
 
     def __init__(self, model: DalleBart, mesh=None, release_stacked: bool = False,
-                 text_table: np.ndarray | None = None):
+                 text_table: np.ndarray | None = None, image_table: np.ndarray | None = None):
         self.config = model.config
         self.mesh = mesh
         self._text_table = text_table
@@ -575,7 +631,10 @@ class TokenSampler:
         self._layers = split_decoder_layers(model, release_stacked=release_stacked, parts=parts)
         # lm_head likewise, when the sampler may take it over (else it would be held twice).
         self._head = split_head(model, parts) if release_stacked else None
-        self._tokens = split_token_table(model) if release_stacked else None
+        if image_table is not None:
+            self._tokens = HostTable.register(self, image_table, self._table_dtype)
+        else:
+            self._tokens = split_token_table(model) if release_stacked else None
         self._enc_layers = split_encoder_layers(model, release_stacked=release_stacked)
         self._graphdef, self._params = nnx.split(model)
 

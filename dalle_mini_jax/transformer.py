@@ -326,6 +326,7 @@ def _embed(cfg: DalleBartConfig, e: dict, ids: jax.Array, positions: jax.Array, 
 
 
 TEXT_TABLE = "enc_embed/tokens"  # the encoder's token table, in our parameter paths
+IMAGE_TABLE = "dec_embed/tokens"  # the decoder's (image-token) table
 
 
 def host_rows(table: np.ndarray, ids: np.ndarray, dtype) -> np.ndarray:
@@ -497,7 +498,8 @@ class DalleBart(nnx.Module):
     def decode_step(self, tokens: jax.Array, position: jax.Array, cache: DecodeCache,
                     layers: list[Any] | None = None,
                     head: OutMajor | None = None,
-                    token_table: TableBits | None = None) -> tuple[jax.Array, DecodeCache]:
+                    token_table: TableBits | None = None,
+                    token_rows: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
         """Logits for one position, given all earlier ones in the cache.
 
         Args:
@@ -512,6 +514,8 @@ class DalleBart(nnx.Module):
           head: optional, lm_head as an `OutMajor` (the sampler's), else the model's.
           token_table: optional, the decoder's token table as `TableBits` (the
             sampler's, for 16-bit weights), else the model's.
+          token_rows: optional, [B, D] float32 rows of `tokens` read elsewhere (the
+            decoder's table left on the host, `from_pretrained_tables_on_host`).
 
         Returns:
           (logits [B, V] float32 predicting position+1's token, the updated cache).
@@ -520,7 +524,8 @@ class DalleBart(nnx.Module):
         embed = _values(self.dec_embed)
         if token_table is not None:
             embed = {**embed, "tokens": token_table}
-        h = _embed(cfg, embed, tokens[:, None], position[None], self.dtype)
+        h = _embed(cfg, embed, tokens[:, None], position[None], self.dtype,
+                   None if token_rows is None else token_rows[:, None])
         stacked = _values(self.dec_layers) if layers is None else None
         # Each layer first writes its new key/value into the cache, then attends over
         # positions <= `position` of the updated cache, so every read of the cache comes
@@ -592,7 +597,7 @@ class DalleBart(nnx.Module):
             misshapen (each named with expected and found shapes).
           ConfigError: config.json asks for an option this code does not implement.
         """
-        return cls._load(path, dtype, mesh, text_table_on_host=False)[0]
+        return cls.from_pretrained_tables_on_host(path, dtype, mesh, ())[0]
 
     @classmethod
     def from_pretrained_text_table_on_host(cls, path: str | Path, dtype=jnp.float32,
@@ -606,19 +611,28 @@ class DalleBart(nnx.Module):
         rows, so mapping it keeps the rest out of memory (DALL-E Mini: 206 MB in float32,
         103 MB in bfloat16; Mega twice that). For a pipeline, which owns its model.
         """
-        return cls._load(path, dtype, mesh, text_table_on_host=True)
+        model, tables = cls.from_pretrained_tables_on_host(path, dtype, mesh, (TEXT_TABLE,))
+        return model, tables[TEXT_TABLE]
 
     @classmethod
-    def _load(cls, path, dtype, mesh, text_table_on_host: bool) -> tuple["DalleBart", np.ndarray | None]:
+    def from_pretrained_tables_on_host(cls, path: str | Path, dtype=jnp.float32, mesh=None,
+                                       tables: tuple[str, ...] = (TEXT_TABLE, IMAGE_TABLE),
+                                       ) -> tuple["DalleBart", dict[str, np.ndarray]]:
+        """`from_pretrained`, but the token tables named in `tables` (`TEXT_TABLE`,
+        `IMAGE_TABLE`) stay in the file: the model holds empty [0, D] placeholders for
+        them, and the second value maps each name to a read-only memory map of its
+        checkpoint tensor (see `from_pretrained_text_table_on_host`). The decoder's table
+        is then read with `decode_step(token_rows=)`; a decode step reads one of its rows
+        per image (DALL-E Mini: 67 MB in float32 of which an image reads 256 rows)."""
         path = ckpt.model_dir(path, "DalleBart model")
         config = DalleBartConfig.load(path / ckpt.CONFIG_NAME)
-        table = released_names(config)[TEXT_TABLE]
+        names = released_names(config)
         flat = ckpt.read_msgpack(path / ckpt.MSGPACK_NAME, dtype=jnp.dtype(dtype),
-                                 mapped=(table,) if text_table_on_host else ())
+                                 mapped=tuple(names[t] for t in tables))
         flat = stack_unscanned(flat, config)
         model = cls.from_released_params(config, flat, dtype=dtype, mesh=mesh, source=str(path / ckpt.MSGPACK_NAME),
-                                         on_host=(TEXT_TABLE,) if text_table_on_host else ())
-        return model, flat.pop(table) if text_table_on_host else None
+                                         on_host=tuple(tables))
+        return model, {t: flat.pop(names[t]) for t in tables}
 
     @classmethod
     def from_released_params(cls, config: DalleBartConfig, flat: dict[str, np.ndarray], dtype=jnp.float32,

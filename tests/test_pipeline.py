@@ -106,12 +106,14 @@ def test_bfloat16_load(tiny_model_dir):  # noqa: F811
     assert {x.dtype for x in jax.tree.leaves((p.sampler._layers, p.sampler._head))} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_text_table_stays_in_the_checkpoint_file(tiny_model_dir, pipe):  # noqa: F811
+def test_token_tables_stay_in_the_checkpoint_file(tiny_model_dir, pipe):  # noqa: F811
     """`from_pretrained` maps the encoder's token table from the file instead of loading it
-    (a prompt reads T of its rows): same codes as a pipeline over the fully loaded model,
-    in float32 and bfloat16; the model alone cannot encode without the rows."""
+    (a prompt reads T of its rows), and on a CPU the decoder's too (a step reads a row per
+    image, `sampling.HostTable`): same codes as a pipeline over the fully loaded model, in
+    float32 and bfloat16; the model alone cannot encode without the rows."""
     from dalle_mini_jax.config import DalleBartConfig
     from dalle_mini_jax.pipeline import VQGANDecoder, resolve_vqgan_dir
+    from dalle_mini_jax.sampling import HostTable
     from dalle_mini_jax.transformer import DalleBart
 
     assert pipe.model.enc_embed.tokens[...].shape == (0, pipe.config.embed_dim)
@@ -119,6 +121,8 @@ def test_text_table_stays_in_the_checkpoint_file(tiny_model_dir, pipe):  # noqa:
     vq_dir = resolve_vqgan_dir(tiny_model_dir, DalleBartConfig.load(tiny_model_dir / "config.json"), None)
     for dtype in ("float32", "bfloat16"):
         mapped = pipe if dtype == "float32" else DalleMini.from_pretrained(tiny_model_dir, dtype=dtype)
+        assert mapped.model.dec_embed.tokens[...].shape == (0, pipe.config.embed_dim)
+        assert isinstance(mapped.sampler._tokens, HostTable)
         full = DalleMini(DalleBart.from_pretrained(tiny_model_dir, dtype=resolve_dtype(dtype)),
                          VQGANDecoder.from_pretrained(vq_dir, dtype=resolve_dtype(dtype)), pipe.tokenizer)
         assert full.model.enc_embed.tokens[...].shape[0] == pipe.config.text_vocab_size
