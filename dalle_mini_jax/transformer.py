@@ -261,8 +261,10 @@ class TableBits:
     keeps a uint16 copy of the table through every generation (DALL-E Mini's decoder
     token table in bf16: 16,385 x 1,024 x 2 bytes = 32 MiB of the decode loop's 61 MiB
     of temporaries, `python benchmarks/load_memory.py DIR --dtype bfloat16 --compiled`).
-    Held as bits from the start, there is nothing to copy. The sampler takes the
-    decoder's table over this way (`sampling.split_token_table`).
+    Held as bits from the start, there is nothing to copy. A sampler given the model
+    (`release_stacked`) takes the decoder's table over this way
+    (`sampling.split_token_table`); a CPU pipeline leaves it in the file instead
+    (`sampling.HostTable`), a pipeline with a mesh or on an accelerator uses this.
     """
 
     bits: jax.Array  # [V, D] uint16

@@ -241,6 +241,23 @@ def test_sharded_equals_single_device(tiny, mesh_shape):
     np.testing.assert_array_equal(got, want)
 
 
+def test_bfloat16_token_bits_sharded_equal_single_device(tiny):
+    """The decoder's bf16 token table taken over as bits (`TableBits`) keeps its sharding
+    on a mesh and gives the same tokens as the model's own table on that mesh (bf16 on a
+    mesh need not equal one device: sums are split differently, and bf16 rounds)."""
+    cfg, _, ids, mask = tiny
+    settings = SamplingSettings(top_k=16, guidance=3.0)
+    rows, keys = np.array([0, 1, 0, 1]), image_keys(2, ["a", "b"] * 2, [0, 0, 1, 1])
+    make = nnx.jit(lambda: DalleBart(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
+    mesh = make_mesh(tensor=4, data=2)
+    want = _sample(sampling.TokenSampler(shard_model(make(), mesh), mesh=mesh), ids, mask, rows, keys, settings)
+    model = shard_model(make(), mesh)
+    table_sharding = model.dec_embed.tokens[...].sharding
+    sampler = sampling.TokenSampler(model, mesh=mesh, release_stacked=True)
+    assert isinstance(sampler._tokens, TableBits) and sampler._tokens.bits.sharding == table_sharding
+    np.testing.assert_array_equal(_sample(sampler, ids, mask, rows, keys, settings), want)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_release_stacked_frees_the_stacked_decoder(tiny, dtype):
     """Same tokens once the sampler has taken the weights over; in bfloat16 that includes
