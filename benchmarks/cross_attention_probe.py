@@ -50,7 +50,6 @@ def cross_attention(pipe: DalleMini, caption: str, codes: np.ndarray) -> np.ndar
     model, cfg = pipe.model, pipe.config
     tok = pipe.tokenizer([caption])
     ids, mask = jnp.asarray(tok["input_ids"]), jnp.asarray(tok["attention_mask"])
-    layers = pipe.sampler._layers
     enc = model.encode(ids, mask, layers=pipe.sampler._enc_layers,
                        token_rows=pipe.sampler.token_rows(tok["input_ids"]))
     cache = model.init_cache(enc, mask)  # stacked [L, ...] self-attention cache: fine eagerly
@@ -64,8 +63,8 @@ def cross_attention(pipe: DalleMini, caption: str, codes: np.ndarray) -> np.ndar
     fed = np.concatenate([[cfg.bos_token_id], codes[:-1]])  # step p feeds token p-1
     with mock.patch.object(transformer, "attend_one", recording):
         for p, token in enumerate(fed):
-            _, cache = model.decode_step(jnp.asarray([token], jnp.int32), jnp.int32(p), cache, layers,
-                                         pipe.sampler._head)
+            _, cache = pipe.sampler.decode_step(model, jnp.asarray([token], jnp.int32), jnp.int32(p),
+                                                cache)
     return np.stack(recorded).reshape(len(fed), cfg.num_decoder_layers, -1)
 
 

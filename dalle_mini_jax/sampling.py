@@ -390,6 +390,26 @@ class HostTable:
         return jax.pure_callback(_host_table_rows, out, self.key, ids)
 
 
+def step_logits(model: DalleBart, layers: list[Any] | None, head: OutMajor | None,
+                token_table: TableBits | HostTable | None, last: jax.Array, position: jax.Array,
+                cache: DecodeCache, guided: bool) -> tuple[jax.Array, DecodeCache]:
+    """One decoder step wherever the token table lives (see `decode_steps` for the args).
+
+    Args:
+      last: [B] int token ids fed at `position` (each image's previous token).
+      guided: feed every row twice (conditional rows, then unconditional ones).
+
+    Returns:
+      ([2B or B, V] logits, the updated cache).
+    """
+    fed = jnp.concatenate([last, last]) if guided else last
+    if isinstance(token_table, HostTable):
+        rows = token_table.rows(last)
+        rows = jnp.concatenate([rows, rows]) if guided else rows
+        return model.decode_step(fed, position, cache, layers, head, token_rows=rows)
+    return model.decode_step(fed, position, cache, layers, head, token_table)
+
+
 def decode_steps(
     model: DalleBart,
     layers: list[Any] | None,
@@ -429,13 +449,7 @@ def decode_steps(
     guided = guidance is not None
 
     def body(i, st: DecodeState) -> DecodeState:
-        fed = jnp.concatenate([st.last, st.last]) if guided else st.last
-        if isinstance(token_table, HostTable):
-            rows = token_table.rows(st.last)
-            rows = jnp.concatenate([rows, rows]) if guided else rows
-            logits, cache = model.decode_step(fed, i, st.cache, layers, head, token_rows=rows)
-        else:
-            logits, cache = model.decode_step(fed, i, st.cache, layers, head, token_table)
+        logits, cache = step_logits(model, layers, head, token_table, st.last, i, st.cache, guided)
         if guided:
             logits = apply_guidance(logits, guidance)
         codes = sample_codes(keys, logits, i, num_codes, temperature, top_k, top_p)
@@ -681,6 +695,15 @@ class TokenSampler:
                 jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
                 jnp.asarray(rows, jnp.int32), None if uncond_row is None else jnp.int32(uncond_row),
                 self.token_rows(input_ids))
+
+    def decode_step(self, model: DalleBart, last: jax.Array, position: jax.Array,
+                    cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        """One unguided decoder step of `model` (this sampler's model) with the weights
+        the sampler holds, eagerly: for probes that step the decoder by hand.
+        [B] token ids at `position` -> ([B, V] logits, the updated cache)."""
+        with activate(self.mesh):
+            return step_logits(model, self._layers, self._head, self._tokens, last, position, cache,
+                               guided=False)
 
     def token_rows(self, input_ids) -> jax.Array | None:
         """[P, T, D] float32 rows of `input_ids` from the host token table, for
