@@ -2,10 +2,13 @@
 
     python benchmarks/generate.py --preset mini --only ours1 --runs 1 --workdir /tmp/bench_mini
     python benchmarks/load_memory.py /tmp/bench_mini/mini-model [--dtype bfloat16] [--compiled]
+        [--generations 4] [--default-arenas]
 
-The stages are those of `DalleMini.from_pretrained` taken apart (VQGAN decoder, DalleBart,
-the sampler's per-layer split, the VQGAN decode compiled), with glibc's `malloc_trim` after each, then two
-generations. Each line: seconds since start, stage, VmRSS and VmHWM (peak) in MiB, read
+The stages are those of `DalleMini.from_pretrained` taken apart (VQGAN decoder,
+DalleBart, the sampler's per-layer split, the VQGAN decode compiled), with glibc's
+`malloc_trim` after each, then `--generations` generations, each followed by a trim.
+Like from_pretrained it first limits glibc to one arena (`host_memory.one_arena`);
+`--default-arenas` leaves glibc's defaults, for comparison. Each line: seconds since start, stage, VmRSS and VmHWM (peak) in MiB, read
 from /proc/self/status (Linux). With --compiled, then XLA's own account of the three
 compiled functions of one guided image (the sampler's start = encoder + cross K/V, its
 decode loop, the VQGAN decode): arguments and temporaries in MiB, from
@@ -37,6 +40,11 @@ def main(argv=None) -> int:
                    help="before the split, wait for every weight to be on the device, read one "
                         "stacked decoder weight on the host (np.asarray) and run gc.collect(), "
                         "reporting after each; then stop")
+    p.add_argument("--generations", type=int, default=2,
+                   help="generations to run, each followed by a malloc_trim (default 2)")
+    p.add_argument("--default-arenas", action="store_true",
+                   help="leave glibc's per-thread arenas as they are (from_pretrained "
+                        "calls host_memory.one_arena)")
     p.add_argument("--compiled", action="store_true",
                    help="after the generations, print XLA's memory analysis of the compiled "
                         "start, decode loop and VQGAN decode")
@@ -55,11 +63,13 @@ def main(argv=None) -> int:
     report("start")
     from dalle_mini_jax import pipeline as pl
     from dalle_mini_jax.config import DalleBartConfig
-    from dalle_mini_jax.host_memory import large_buffers_mapped, return_free_memory
+    from dalle_mini_jax.host_memory import large_buffers_mapped, one_arena, return_free_memory
     from dalle_mini_jax.text import TextTokenizer
     from dalle_mini_jax.transformer import IMAGE_TABLE, TEXT_TABLE, DalleBart
 
     report("imports")
+    if not args.default_arenas:
+        one_arena()  # as from_pretrained, before any computation
     dtype = pl.resolve_dtype(args.dtype)
     loading = contextlib.ExitStack()  # from_pretrained's allocator setting, until the split
     loading.enter_context(large_buffers_mapped())
@@ -100,10 +110,12 @@ def main(argv=None) -> int:
     report("trimmed")
     pipe._compile_vqgan()
     report("VQGAN decode compiled")
-    for i in (1, 2):
-        pipe.generate([args.prompt], num_images=1, seed=1, top_k=50, guidance=10.0, top_p=None,
+    for i in range(1, args.generations + 1):
+        pipe.generate([args.prompt], num_images=1, seed=i, top_k=50, guidance=10.0, top_p=None,
                       temperature=1.0)
         report(f"generate {i}")
+        return_free_memory()
+        report("trimmed")
     if args.compiled:
         compiled_memory(pipe, args.prompt)
     if args.programs:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import os
 from typing import Any, Callable
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
+# mallopt's parameter numbers (glibc malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
 @functools.cache  # looked up once: return_free_memory runs before every VQGAN decode
@@ -57,6 +59,27 @@ def large_buffers_mapped():
     finally:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+def one_arena() -> bool:
+    """Have glibc serve every thread from one heap (its main arena), unless the user
+    chose otherwise (the MALLOC_ARENA_MAX environment variable). Returns whether set.
+
+    Why: glibc gives threads their own arenas (up to 8 per core), and XLA's worker
+    threads and compiler fill several. Memory freed in an arena other than the main
+    one is given back only when a whole region at its top is free, so `malloc_trim`
+    leaves most of it counted in RSS, and RSS crept up generation after generation. With
+    one arena, RSS after a trim stays where it was after the first image: DALL-E Mini
+    in bf16 after each of four generations, 1,273 / 1,298 / 1,342 / 1,315 MiB with
+    glibc's default arenas (peak 1,397), 1,229 / 1,231 / 1,232 / 1,233 with one (peak
+    1,356; `benchmarks/load_memory.py DIR --dtype bfloat16 --generations 4
+    [--default-arenas]`).
+    Call it before the first JAX computation: a thread that already has an arena keeps it.
+    """
+    libc = _libc()
+    if libc is None or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, 1))
 
 
 def return_free_memory() -> None:

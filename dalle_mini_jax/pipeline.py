@@ -40,7 +40,7 @@ from . import xla_cpu
 from .checkpoint import CONFIG_NAME, MSGPACK_NAME, CheckpointError, check_tree, model_dir as _model_dir
 from .checkpoint import read_msgpack
 from .config import ConfigError, DalleBartConfig, VQGANConfig
-from .host_memory import compile_then_trim, large_buffers_mapped, return_free_memory
+from .host_memory import compile_then_trim, large_buffers_mapped, one_arena, return_free_memory
 from .sampling import MODEL_DEFAULT, ModelDefault, SamplingSettings, TokenSampler, image_keys
 from .transformer import IMAGE_TABLE, TEXT_TABLE, DalleBart
 from .vqgan import Conv, Decoder, VectorQuantizer, released_name
@@ -336,6 +336,7 @@ class DalleMini:
           CheckpointError / ConfigError: damaged or unsupported files.
           ValueError: unknown dtype, or a VQGAN that does not fit the transformer.
         """
+        one_arena()  # before JAX's threads start (the backend query below): see one_arena
         dtype = resolve_dtype(dtype)
         path = resolve_model_dir(model_dir)
         config = DalleBartConfig.load(path / CONFIG_NAME)
@@ -632,14 +633,16 @@ def vqgan_decode_fn(dtype: Any = jnp.float32):
     num_done) for weights of `dtype`: strips of `VQGANDecoder.ROWS` rows, with the
     XLA:CPU options measured for it.
 
-    Float32 gets `xla_cpu.compiler_options()` (on a CPU: YNNPACK for the dots only, the
-    group norms' reductions left to XLA): one 256x256 image from DALL-E Mini's VQGAN
-    ~1.1x faster, same temporaries (`python benchmarks/vqgan_decode.py DIR`, README
-    "Measured"). 16-bit weights get XLA's defaults: there the option adds temporaries
-    (96 -> 112 MiB with whole maps, 80 -> 101 with strips, `vqgan_decode.py DIR --dtype
-    bfloat16`), which the bf16 memory target cannot spare.
+    Every dtype gets `xla_cpu.compiler_options()` (on a CPU: YNNPACK for the dots only,
+    the group norms' reductions left to XLA): one 256x256 image from DALL-E Mini's VQGAN
+    ~1.1x faster in float32, same temporaries (`python benchmarks/vqgan_decode.py DIR`,
+    README "Measured"); in bf16 and f16, since the strips hold their maps as 16-bit bits
+    (`vqgan.slice_rows`), 1.20x and 1.15x faster than XLA's defaults by strips, with
+    fewer temporaries (bf16 51.7 -> 48.2 MiB; `vqgan_decode.py DIR --dtype bfloat16`).
+    With whole maps the option had added temporaries in bf16 (96 -> 112 MiB), which is
+    why 16-bit weights once kept XLA's defaults.
     """
-    options = xla_cpu.compiler_options() if jnp.dtype(dtype) == jnp.float32 else {}
+    options = xla_cpu.compiler_options()
     return _decode_jit(VQGANDecoder.ROWS, **options)
 
 

@@ -183,33 +183,44 @@ class GroupNorm(nnx.Module):
         self.eps = eps
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, H, W, C] -> [B, H, W, C] in the compute dtype."""
-        return self.apply(x, self.statistics_of(x))
+    def __call__(self, x: jax.Array, rows: int | None = None) -> jax.Array:
+        """x: [B, H, W, C] -> [B, H, W, C] in the compute dtype (`rows`: see
+        `statistics_of`)."""
+        return self.apply(x, self.statistics_of(x, rows))
 
     def statistics_of(self, x: jax.Array, rows: int | None = None
                       ) -> tuple[jax.Array, jax.Array] | None:
         """(mean, 1/std) of each image's groups, float32 [B, 1, 1, G, 1]; None without statistics.
 
-        `rows` (where `by_rows(H, rows)`): the squared deviations are summed `rows` rows
-        at a time.
+        `rows` (where it splits H in two or more): the sums are taken `rows` rows at a
+        time, on maps that are not computed by strips (`by_rows`) too.
         Why: XLA:CPU does not fuse an elementwise producer into a reduction, so the
-        whole-map form holds (x - mean)^2 as one more full map (`conv_rows`).
+        whole-map form holds (x - mean)^2 as one more full map, in float32 (`conv_rows`);
+        for a bf16 map of 128 rows and 256 channels, that and the widened map were
+        generation's peak (`benchmarks/vqgan_decode.py DIR --dtype bfloat16`).
         """
         if not self.statistics:
             return None
         b, h, w, c = x.shape
         grouped = lambda t: t.astype(jnp.float32).reshape(b, -1, w, self.groups, c // self.groups)
-        mean = grouped(x).mean(axis=(1, 2, 4), keepdims=True)
-        # Two-pass variance (like torch), not E[x^2] - E[x]^2, which cancels badly.
-        if not by_rows(h, rows):
-            var = jnp.square(grouped(x) - mean).mean(axis=(1, 2, 4), keepdims=True)
-        else:
-            def add_rows(i, total):
-                part = grouped(jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1))
-                return total + jnp.square(part - mean).sum(axis=(1, 2, 4), keepdims=True)
+        count = h * w * (c // self.groups)
 
-            var = jax.lax.fori_loop(0, h // rows, add_rows, jnp.zeros_like(mean)) / (h * w * (c // self.groups))
+        def mean_of(f):
+            """The mean over each group of f(x's rows, float32 [B, rows, W, G, C/G])."""
+            if rows is None or h % rows or h < 2 * rows:
+                return f(grouped(x)).sum(axis=(1, 2, 4), keepdims=True) / count
+
+            def add_rows(i, total):
+                part = grouped(slice_rows(x, i * rows, rows))
+                return total + f(part).sum(axis=(1, 2, 4), keepdims=True)
+
+            zeros = jnp.zeros((b, 1, 1, self.groups, 1), jnp.float32)
+            return jax.lax.fori_loop(0, h // rows, add_rows, zeros) / count
+
+        # By rows, the mean too: a 16-bit map widened whole would be a float32 copy of it.
+        mean = mean_of(lambda t: t)
+        # Two-pass variance (like torch), not E[x^2] - E[x]^2, which cancels badly.
+        var = mean_of(lambda t: jnp.square(t - mean))
         return mean, jax.lax.rsqrt(var + self.eps)
 
     def apply(self, x: jax.Array, stats: tuple[jax.Array, jax.Array] | None) -> jax.Array:
@@ -229,6 +240,28 @@ def make_norm(channels: int, config: VQGANConfig, *, statistics: bool = True,
     """The model's norm layer: GroupNorm, or only its affine map (a local encoder's)."""
     return GroupNorm(channels, groups=config.norm_groups, eps=config.norm_eps,
                      statistics=statistics, dtype=dtype, param_dtype=param_dtype)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """A 16-bit float array as its uint16 bits (others unchanged)."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _unbits(bits: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits, dtype) if bits.dtype != dtype else bits
+
+
+def slice_rows(x: jax.Array, start: jax.Array | int, count: int) -> jax.Array:
+    """x[:, start:start + count] (a dynamic slice of rows) in x's dtype.
+
+    Why through the bits: XLA:CPU has no 16-bit dynamic slice, and its float
+    normalization widens the operand instead: the whole bf16 map becomes a float32
+    copy, hoisted out of the strip loops, and an updated one was copied whole at every
+    strip. A slice of the uint16 bits is a plain copy of the strip: DALL-E Mini's VQGAN
+    in bf16 by strips, 79.7 -> 51.7 MiB of temporaries with XLA's defaults
+    (`benchmarks/vqgan_decode.py DIR --dtype bfloat16`, before and after).
+    """
+    return _unbits(jax.lax.dynamic_slice_in_dim(_bits(x), start, count, axis=1), x.dtype)
 
 
 def by_rows(height: int, rows: int | None) -> bool:
@@ -276,14 +309,16 @@ def conv_rows(conv: Conv, x: jax.Array, pre: Callable[[jax.Array], jax.Array], r
     if n * rows != H or rows % up or n < 2 or rows < halo:
         raise ValueError(f"{rows} rows per strip do not split {H} rows (x{up}) in two or more strips")
 
-    def strip(x, first, count, pad):
+    def strip(xb, first, count, pad):
         """The conv's rows from `first` (output resolution; static, or traced in the
-        loop), reading `count` rows and `pad` = (top, bottom) rows of zero padding."""
+        loop), reading `count` rows of x (as its bits `xb`) and `pad` = (top, bottom)
+        rows of zero padding."""
         # Output row r reads input row r // up. `first` is 0 or -halo modulo up, so its
         # offset in its input row is static.
         offset = 0 if isinstance(first, int) and first == 0 else (-halo) % up
         lo = (first - offset) // up
-        t = pre(jax.lax.dynamic_slice_in_dim(x, lo, (offset + count - 1) // up + 1, axis=1))
+        t = pre(_unbits(jax.lax.dynamic_slice_in_dim(xb, lo, (offset + count - 1) // up + 1, axis=1),
+                        x.dtype))
         if up > 1:
             n_in = t.shape[1]
             t = jnp.broadcast_to(t[:, :, None, :, None, :], (b, n_in, up, w, up, c))
@@ -291,34 +326,41 @@ def conv_rows(conv: Conv, x: jax.Array, pre: Callable[[jax.Array], jax.Array], r
         return conv(t, padding=(pad, (halo, halo)))
 
     in_place = add is not None and add_fn is None and add.dtype == jnp.result_type(conv.dtype)
+    # The maps are held as their bits (`slice_rows`) through the loop: a 16-bit
+    # dynamic-update-slice would be widened too, and one converted back and forth
+    # inside the loop is copied whole at every strip.
+    xb = _bits(x)
 
     def put(out, i, y):
-        """Write strip i (plus its residual) into `out`."""
+        """Write strip i (plus its residual) into `out` (bits of `dtype`)."""
         if add is not None:
             # In place, the residual rows are read from the buffer being written: those
             # rows are not overwritten yet, and reading `add` itself would make XLA copy it.
-            base = jax.lax.dynamic_slice_in_dim(out if in_place else add, i * rows, rows, axis=1)
+            base = (_unbits(jax.lax.dynamic_slice_in_dim(out, i * rows, rows, axis=1), dtype)
+                    if in_place else slice_rows(add, i * rows, rows))
             y = (base if add_fn is None else add_fn(base)).astype(y.dtype) + y
-        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), i * rows, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(out, _bits(y.astype(dtype)), i * rows, axis=1)
 
     # The first and last strips (with the map's zero padding) outside the loop; the
     # output buffer starts as the first, padded, not as zeros, which XLA shares between
     # loops and copies into each.
-    y0 = strip(x, 0, rows + halo, (halo, 0))
+    y0 = strip(xb, 0, rows + halo, (halo, 0))
+    dtype = add.dtype if in_place else y0.dtype
     if in_place:
-        out = put(add, 0, y0)
+        out = put(_bits(add), 0, y0)
     else:
-        out = put(jnp.pad(y0, ((0, 0), (0, H - rows), (0, 0), (0, 0))).astype(y0.dtype), 0, y0)
+        out = put(jnp.pad(_bits(y0), ((0, 0), (0, H - rows), (0, 0), (0, 0))), 0, y0)
 
     def body(i, carry):
-        out, x = carry
-        return put(out, i, strip(x, i * rows - halo, rows + 2 * halo, (0, 0))), x
+        out, xb = carry
+        return put(out, i, strip(xb, i * rows - halo, rows + 2 * halo, (0, 0))), xb
 
     # One strip at a time (a loop, not unrolled: XLA would schedule all strips' inputs
     # first). x passes through the loop, so a caller that adds into it afterwards uses
     # the loop's output and XLA need not copy it.
-    out, x = jax.lax.fori_loop(1, n - 1, body, (out, x))
-    return put(out, n - 1, strip(x, H - rows - halo, rows + halo, (0, halo))), x
+    out, xb = jax.lax.fori_loop(1, n - 1, body, (out, xb))
+    out = put(out, n - 1, strip(xb, H - rows - halo, rows + halo, (0, halo)))
+    return _unbits(out, dtype), _unbits(xb, x.dtype)
 
 
 class ResnetBlock(nnx.Module):
@@ -352,8 +394,8 @@ class ResnetBlock(nnx.Module):
             s2 = self.norm2.statistics_of(h, rows)
             return conv_rows(self.conv2, h, lambda t: jax.nn.silu(self.norm2.apply(t, s2)), rows,
                              add=x, add_fn=self.nin_shortcut)[0]
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        h = self.conv1(jax.nn.silu(self.norm1(x, rows)))
+        h = self.conv2(jax.nn.silu(self.norm2(h, rows)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x.astype(h.dtype) + h

@@ -443,3 +443,35 @@ def test_decoder_by_rows_matches_whole_maps_with_fewer_temporaries():
     temps = {r: c.memory_analysis().temp_size_in_bytes for r, c in run.items()}
     full_map = 64 * 64 * cfg.channels * 4
     assert temps[rows] <= temps[None] - full_map // 2, (temps, full_map)
+
+
+def test_bfloat16_decoder_by_rows_holds_its_maps_in_bfloat16():
+    """XLA:CPU has no 16-bit dynamic slice or update: its float normalization widened a
+    bf16 map whole to float32 before the strip loops slice it (and copied the output
+    map at every strip). Through the maps' bits (`vqgan.slice_rows`), a bf16 decode by
+    strips holds no float32 full-size map and needs at least one float32 map's worth
+    of temporaries less than the float32 decode; the pixels are the whole-map ones up
+    to bf16 rounding."""
+    import re
+
+    cfg = TINY.replace(resolution=64)
+    z = np.random.default_rng(0).normal(size=(1, 16, 16, cfg.z_channels))
+    full_map = "[1,64,64,%d]" % cfg.channels
+    temps, out = {}, {}
+    weights = nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        graphdef, _ = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+        state = jax.tree.map(lambda w: w.astype(dtype), weights)  # the same weights, rounded
+        for rows in (None, 8):
+            compiled = jax.jit(lambda s, z, r=rows: nnx.merge(graphdef, s)(z, r)).lower(
+                state, jnp.asarray(z, dtype)).compile()
+            temps[dtype, rows] = compiled.memory_analysis().temp_size_in_bytes
+            out[dtype, rows] = np.asarray(compiled(state, jnp.asarray(z, dtype)), np.float32)
+            if dtype == jnp.bfloat16 and rows:
+                hlo = compiled.as_text()
+                assert "f32" + full_map not in hlo
+                assert not re.search(re.escape(full_map) + r"\{[0-9,]+\} copy\(", hlo)
+    assert temps[jnp.bfloat16, 8] <= temps[jnp.float32, 8] - 64 * 64 * cfg.channels * 4, temps
+    scale = np.abs(out[jnp.float32, None]).max()
+    np.testing.assert_allclose(out[jnp.bfloat16, 8], out[jnp.bfloat16, None], atol=0.05 * scale)
+    np.testing.assert_allclose(out[jnp.bfloat16, 8], out[jnp.float32, None], atol=0.05 * scale)
