@@ -323,6 +323,8 @@ class DalleMini:
 
         The defaults (`self.defaults`) come from the directory's generation_config.json
         (`read_generation_config`); without one, the released DALL·E Mini defaults.
+        On glibc it first limits malloc to one arena for the whole process
+        (`host_memory.one_arena`; set MALLOC_ARENA_MAX to choose otherwise).
 
         Args:
           model_dir: transformer + tokenizer directory, or None for the bundled model.

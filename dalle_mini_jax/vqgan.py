@@ -192,12 +192,16 @@ class GroupNorm(nnx.Module):
                       ) -> tuple[jax.Array, jax.Array] | None:
         """(mean, 1/std) of each image's groups, float32 [B, 1, 1, G, 1]; None without statistics.
 
-        `rows` (where it splits H in two or more): the sums are taken `rows` rows at a
-        time, on maps that are not computed by strips (`by_rows`) too.
+        `rows` (where it splits H in two or more): the mean and the squared deviations
+        are summed `rows` rows at a time, on maps that are not computed by strips
+        (`by_rows`) too.
         Why: XLA:CPU does not fuse an elementwise producer into a reduction, so the
-        whole-map form holds (x - mean)^2 as one more full map, in float32 (`conv_rows`);
-        for a bf16 map of 128 rows and 256 channels, that and the widened map were
-        generation's peak (`benchmarks/vqgan_decode.py DIR --dtype bfloat16`).
+        whole-map form holds (x - mean)^2 as one more full map (`conv_rows`), and for a
+        16-bit map its float32 widening as well. DALL-E Mini's VQGAN in bf16 by strips
+        with `xla_cpu.compiler_options()`: 48.2 MiB of temporaries, 52.2 with the
+        statistics of the maps not cut in strips taken whole (`benchmarks/vqgan_decode.py
+        DIR --dtype bfloat16`, both versions); a whole-map mean of a striped bf16 map
+        widens it whole (`test_bfloat16_decoder_by_rows_holds_its_maps_in_bfloat16`).
         """
         if not self.statistics:
             return None
@@ -217,7 +221,6 @@ class GroupNorm(nnx.Module):
             zeros = jnp.zeros((b, 1, 1, self.groups, 1), jnp.float32)
             return jax.lax.fori_loop(0, h // rows, add_rows, zeros) / count
 
-        # By rows, the mean too: a 16-bit map widened whole would be a float32 copy of it.
         mean = mean_of(lambda t: t)
         # Two-pass variance (like torch), not E[x^2] - E[x]^2, which cancels badly.
         var = mean_of(lambda t: jnp.square(t - mean))
