@@ -8,8 +8,9 @@ The stages are those of `DalleMini.from_pretrained` taken apart (VQGAN decoder,
 DalleBart, the sampler's per-layer split, the VQGAN decode compiled), with glibc's
 `malloc_trim` after each, then `--generations` generations, each followed by a trim.
 Like from_pretrained it first limits glibc to one arena (`host_memory.one_arena`);
-`--default-arenas` leaves glibc's defaults, for comparison. Each line: seconds since start, stage, VmRSS and VmHWM (peak) in MiB, read
-from /proc/self/status (Linux). With --compiled, then XLA's own account of the three
+`--default-arenas` leaves glibc's defaults, for comparison. Each line: seconds since
+start, stage, VmRSS and VmHWM (peak) in MiB, read from /proc/self/status (Linux).
+With --compiled, then XLA's own account of the three
 compiled functions of one guided image (the sampler's start = encoder + cross K/V, its
 decode loop, the VQGAN decode): arguments and temporaries in MiB, from
 `Compiled.memory_analysis()`. Compare the peak with `benchmarks/generate.py`'s

@@ -254,6 +254,11 @@ def _unbits(bits: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, dtype) if bits.dtype != dtype else bits
 
 
+def _rows_of_bits(bits: jax.Array, start: jax.Array | int, count: int, dtype) -> jax.Array:
+    """bits[:, start:start + count] (`_bits` of a map) as `dtype`."""
+    return _unbits(jax.lax.dynamic_slice_in_dim(bits, start, count, axis=1), dtype)
+
+
 def slice_rows(x: jax.Array, start: jax.Array | int, count: int) -> jax.Array:
     """x[:, start:start + count] (a dynamic slice of rows) in x's dtype.
 
@@ -264,7 +269,7 @@ def slice_rows(x: jax.Array, start: jax.Array | int, count: int) -> jax.Array:
     in bf16 by strips, 79.7 -> 51.7 MiB of temporaries with XLA's defaults
     (`benchmarks/vqgan_decode.py DIR --dtype bfloat16`, before and after).
     """
-    return _unbits(jax.lax.dynamic_slice_in_dim(_bits(x), start, count, axis=1), x.dtype)
+    return _rows_of_bits(_bits(x), start, count, x.dtype)
 
 
 def by_rows(height: int, rows: int | None) -> bool:
@@ -320,8 +325,7 @@ def conv_rows(conv: Conv, x: jax.Array, pre: Callable[[jax.Array], jax.Array], r
         # offset in its input row is static.
         offset = 0 if isinstance(first, int) and first == 0 else (-halo) % up
         lo = (first - offset) // up
-        t = pre(_unbits(jax.lax.dynamic_slice_in_dim(xb, lo, (offset + count - 1) // up + 1, axis=1),
-                        x.dtype))
+        t = pre(_rows_of_bits(xb, lo, (offset + count - 1) // up + 1, x.dtype))
         if up > 1:
             n_in = t.shape[1]
             t = jnp.broadcast_to(t[:, :, None, :, None, :], (b, n_in, up, w, up, c))
@@ -339,8 +343,8 @@ def conv_rows(conv: Conv, x: jax.Array, pre: Callable[[jax.Array], jax.Array], r
         if add is not None:
             # In place, the residual rows are read from the buffer being written: those
             # rows are not overwritten yet, and reading `add` itself would make XLA copy it.
-            base = (_unbits(jax.lax.dynamic_slice_in_dim(out, i * rows, rows, axis=1), dtype)
-                    if in_place else slice_rows(add, i * rows, rows))
+            base = (_rows_of_bits(out, i * rows, rows, dtype) if in_place
+                    else slice_rows(add, i * rows, rows))
             y = (base if add_fn is None else add_fn(base)).astype(y.dtype) + y
         return jax.lax.dynamic_update_slice_in_dim(out, _bits(y.astype(dtype)), i * rows, axis=1)
 
