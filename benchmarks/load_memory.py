@@ -3,6 +3,7 @@
     python benchmarks/generate.py --preset mini --only ours1 --runs 1 --workdir /tmp/bench_mini
     python benchmarks/load_memory.py /tmp/bench_mini/mini-model [--dtype bfloat16] [--compiled]
         [--generations 4] [--default-arenas]
+    python benchmarks/load_memory.py /tmp/bench_mini/mini-model --timeline [--dtype bfloat16]
 
 The stages are those of `DalleMini.from_pretrained` taken apart (VQGAN decoder,
 DalleBart, the sampler's per-layer split, the VQGAN decode compiled), with glibc's
@@ -15,6 +16,12 @@ compiled functions of one guided image (the sampler's start = encoder + cross K/
 decode loop, the VQGAN decode): arguments and temporaries in MiB, from
 `Compiled.memory_analysis()`. Compare the peak with `benchmarks/generate.py`'s
 `peak_rss_mb` for ours1 to see what the pipeline's own order of stages costs.
+
+With --timeline, none of that: `DalleMini.from_pretrained` itself and `--generations`
+generations, RSS sampled every millisecond by a thread (`RssSampler`), and for each
+phase (loading; each generation's start, decode loop, VQGAN decode and the gaps
+between) its RSS at the start, its highest and when, and at the end: where the peak
+is, and what it sits on.
 """
 
 from __future__ import annotations
@@ -53,7 +60,13 @@ def main(argv=None) -> int:
                    help="after the generations, compile the decode loop for 3 more top-k values, "
                         "reporting RSS after each compile, after gc.collect() and after a malloc_trim "
                         "(as host_memory.compile_then_trim does): what a compiled program keeps")
+    p.add_argument("--timeline", action="store_true",
+                   help="instead of the stages: DalleMini.from_pretrained itself, then --generations "
+                        "generations, with RSS sampled every millisecond by a thread; prints each "
+                        "phase's RSS at its start, its highest (and when) and at its end")
     args = p.parse_args(argv)
+    if args.timeline:
+        return timeline(args)
     start = time.perf_counter()
 
     def report(stage: str) -> None:
@@ -78,6 +91,11 @@ def main(argv=None) -> int:
     vqgan = pl.VQGANDecoder.from_pretrained(args.model_dir / "vqgan", dtype=dtype)
     return_free_memory()
     report("VQGAN decoder loaded")
+    loading.close()
+    pl.compile_vqgan_decode(vqgan)
+    report("VQGAN decode compiled")
+    loading = contextlib.ExitStack()
+    loading.enter_context(large_buffers_mapped())
     # As DalleMini.from_pretrained on a CPU: both token tables stay in the file.
     model, on_host = DalleBart.from_pretrained_tables_on_host(args.model_dir, dtype=dtype)
     report("DalleBart loaded")
@@ -109,8 +127,9 @@ def main(argv=None) -> int:
     report("layers split (enc + dec)")
     return_free_memory()
     report("trimmed")
-    pipe._compile_vqgan()
-    report("VQGAN decode compiled")
+    pipe._vq_compiled = True  # compile_vqgan_decode above
+    pipe.compile_for()
+    report("default generation compiled")
     for i in range(1, args.generations + 1):
         pipe.generate([args.prompt], num_images=1, seed=i, top_k=50, guidance=10.0, top_p=None,
                       temperature=1.0)
@@ -121,6 +140,103 @@ def main(argv=None) -> int:
         compiled_memory(pipe, args.prompt)
     if args.programs:
         program_memory(pipe, args.prompt, report)
+    return 0
+
+
+class RssSampler:
+    """A thread reading this process's RSS (/proc/self/statm) every millisecond into
+    preallocated arrays (no Python objects per sample: they would be counted too), each
+    sample labelled with the phase current at the time (`phase`)."""
+
+    def __init__(self, capacity: int = 1 << 20):
+        import os
+        import threading
+
+        import numpy as np
+
+        self.t = np.zeros(capacity)
+        self.rss = np.zeros(capacity, np.int32)  # MiB
+        self.label = np.zeros(capacity, np.int16)
+        self.phases = ["import"]
+        self.n = 0
+        self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import os
+
+        while not self._stop and self.n < len(self.t):
+            i = self.n
+            self.t[i] = time.perf_counter()
+            self.rss[i] = int(os.pread(self._fd, 64, 0).split()[1]) * self._page >> 20
+            self.label[i] = len(self.phases) - 1
+            self.n = i + 1
+            time.sleep(0.001)
+
+    def phase(self, name: str) -> None:
+        self.phases.append(name)
+
+    def stop(self) -> None:
+        time.sleep(0.01)
+        self._stop = True
+        self._thread.join()
+
+    def report(self) -> None:
+        import numpy as np
+
+        t0 = self.t[0]
+        for k, name in enumerate(self.phases):
+            at = np.nonzero(self.label[:self.n] == k)[0]
+            if len(at) == 0:
+                continue
+            r, top = self.rss[at], at[np.argmax(self.rss[at])]
+            print(f"{self.t[at[0]] - t0:7.2f} s  {name:<22} RSS {r[0]:5d} MiB, highest {r.max():5d} "
+                  f"at +{self.t[top] - self.t[at[0]]:6.2f} s, end {r[-1]:5d}  "
+                  f"({self.t[at[-1]] - self.t[at[0]]:.2f} s)")
+        print(f"highest RSS sampled {self.rss[:self.n].max()} MiB; peak (VmHWM) "
+              f"{proc_memory_mb()['VmHWM']:.0f} MiB")
+
+
+def timeline(args) -> int:
+    """`--timeline`: from_pretrained and generations as a user runs them, RSS by phase.
+
+    Each generation's phases (the sampler's start, its decode loop, the VQGAN decode) are
+    marked by wrapping those calls; the wrappers wait for their results, so a phase's
+    RSS is its own, not the next one's (the pipeline itself dispatches ahead).
+    """
+    sampler = RssSampler()
+    import jax
+
+    from dalle_mini_jax.pipeline import DalleMini
+
+    sampler.phase("from_pretrained")
+    pipe = DalleMini.from_pretrained(args.model_dir, dtype=args.dtype)
+    start, run, decode = pipe._start, pipe.sampler.run, pipe.decode_codes
+    gen = [0]
+
+    def marked(name, f, wait=True):
+        def call(*a, **kw):
+            sampler.phase(f"{gen[0]}: {name}")
+            out = f(*a, **kw)
+            if wait:
+                jax.block_until_ready(out)
+            sampler.phase(f"{gen[0]}: after {name}")
+            return out
+        return call
+
+    pipe._start = marked("start", start)
+    pipe.sampler.run = marked("decode loop", run)
+    pipe.decode_codes = marked("VQGAN decode", decode)
+    for i in range(1, args.generations + 1):
+        gen[0] = i
+        pipe.generate([args.prompt], num_images=1, seed=i, top_k=50, guidance=10.0, top_p=None,
+                      temperature=1.0)
+    sampler.phase("end")
+    sampler.stop()
+    sampler.report()
     return 0
 
 

@@ -11,9 +11,11 @@ next allocation. These helpers give it back; all are no-ops off glibc (macOS, mu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import gc
 import os
+import time
 from typing import Any, Callable
 
 # mallopt's parameter numbers (glibc malloc.h)
@@ -23,8 +25,6 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 @functools.cache  # looked up once: return_free_memory runs before every VQGAN decode
 def _libc():
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt  # noqa: B018  (glibc or not)
         return libc
@@ -80,6 +80,50 @@ def one_arena() -> bool:
     if libc is None or "MALLOC_ARENA_MAX" in os.environ:
         return False
     return bool(libc.mallopt(_M_ARENA_MAX, 1))
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (malloc.h)."""
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> int | None:
+    """Bytes glibc's heap has handed out and not had back (mallinfo2's uordblks), or None
+    where there is no mallinfo2 (not glibc, or glibc < 2.33)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().uordblks
+
+
+def wait_for_frees(interval: float = 0.01, timeout: float = 0.2) -> None:
+    """Wait until the heap's bytes in use hold still for two `interval`s (at most
+    `timeout` seconds): memory XLA:CPU is about to free is then freed, and a
+    `return_free_memory` after it can give it back.
+
+    Why: XLA:CPU runs a computation on a worker thread, which frees the buffers it held
+    (its temporaries, and donated inputs it updated in place) a few milliseconds *after*
+    the outputs are ready, and `block_until_ready` does not wait for that. After
+    DALL-E Mini's bf16 decode loop, the VQGAN decode that followed found the decode state
+    and the loop's temporaries (47 MiB) still in use in two generations of six, 2-3 ms
+    before they were freed (a scratch probe of mallinfo2), so the trim before it gave
+    nothing back and the decode's temporaries stacked on them: the peak RSS of the same
+    benchmark varied by ~30 MiB between runs. A heuristic (XLA offers no wait for it): it
+    catches frees that come within two `interval`s of each other, and costs ~30 ms.
+    """
+    before = _heap_in_use()
+    if before is None:
+        return
+    deadline = time.perf_counter() + timeout
+    steady = 0
+    while steady < 2 and time.perf_counter() < deadline:
+        time.sleep(interval)
+        now = _heap_in_use()
+        steady = steady + 1 if now == before else 0
+        before = now
 
 
 def return_free_memory() -> None:

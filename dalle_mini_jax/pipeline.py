@@ -40,7 +40,8 @@ from . import xla_cpu
 from .checkpoint import CONFIG_NAME, MSGPACK_NAME, CheckpointError, check_tree, model_dir as _model_dir
 from .checkpoint import read_msgpack
 from .config import ConfigError, DalleBartConfig, VQGANConfig
-from .host_memory import compile_then_trim, large_buffers_mapped, one_arena, return_free_memory
+from .host_memory import (compile_then_trim, large_buffers_mapped, one_arena, return_free_memory,
+                          wait_for_frees)
 from .sampling import MODEL_DEFAULT, ModelDefault, SamplingSettings, TokenSampler, image_keys
 from .transformer import IMAGE_TABLE, TEXT_TABLE, DalleBart
 from .vqgan import Conv, Decoder, VectorQuantizer, released_name
@@ -318,7 +319,7 @@ class DalleMini:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, vqgan_dir: str | Path | None = None,
-                        dtype: Any = "float32", mesh=None) -> "DalleMini":
+                        dtype: Any = "float32", mesh=None, compile_ahead: bool = True) -> "DalleMini":
         """Load a model directory (None = the bundled model), its VQGAN and sampling defaults.
 
         The defaults (`self.defaults`) come from the directory's generation_config.json
@@ -332,6 +333,11 @@ class DalleMini:
           dtype: 'float32', 'bfloat16' or 'float16': weights are loaded directly in it
             (cast tensor by tensor) and computation runs in it.
           mesh: a `sharding.make_mesh(...)` mesh to shard the transformer over, or None.
+          compile_ahead: without a mesh, compile the generation of one image with the
+            default settings now (`compile_for()`): the first `generate(prompt)` then
+            compiles nothing, and the compiler's working memory comes and goes before
+            any generation's (lower peak RSS). False leaves it to the first generation
+            or to `compile_for` with the settings you will use.
 
         Raises:
           FileNotFoundError: a directory or the bundled model is missing.
@@ -351,6 +357,12 @@ class DalleMini:
                                                   normalize=config.normalize_text)
         with large_buffers_mapped():
             vqgan = VQGANDecoder.from_pretrained(vq_path, dtype=dtype)
+        # Before the transformer loads: the compiler's working memory (~180 MiB for
+        # DALL-E Mini's VQGAN in bf16) then comes and goes with only the VQGAN resident;
+        # compiled last, it was the peak of loading (`benchmarks/load_memory.py DIR
+        # --timeline`).
+        compile_vqgan_decode(vqgan)
+        with large_buffers_mapped():
             # On a CPU without a mesh the decoder's token table stays in the file too
             # (`sampling.HostTable`: a host callback per step, which elsewhere would stall).
             tables = (TEXT_TABLE, IMAGE_TABLE) if mesh is None and jax.default_backend() == "cpu" else (TEXT_TABLE,)
@@ -363,7 +375,9 @@ class DalleMini:
             pipe = cls(model, vqgan, tokenizer, name=name, mesh=mesh, release_stacked=True,
                        defaults=defaults, text_table=on_host[TEXT_TABLE], image_table=on_host.get(IMAGE_TABLE))
         return_free_memory()
-        pipe._compile_vqgan()
+        pipe._vq_compiled = True  # compile_vqgan_decode above
+        if compile_ahead:
+            pipe.compile_for()
         return pipe
 
     # ---- generation -----------------------------------------------------------------
@@ -470,9 +484,12 @@ class DalleMini:
         done = S if num_done is None else int(num_done)
         self._compile_vqgan()
         # Decoding a 256x256 image is generation's peak of memory: give what the decode
-        # loop freed back first, so the decode's temporaries do not stack on it.
+        # loop freed back first (once XLA:CPU has freed it: `wait_for_frees`), so the
+        # decode's temporaries do not stack on it.
+        wait_for_frees()
         return_free_memory()
-        imgs = [np.asarray(self._vq_decode(self._vq_graphdef, self._vq_state, jnp.asarray(c[None]),
+        # device_put, not jnp.asarray, which compiles a (tiny) program per shape on its first use.
+        imgs = [np.asarray(self._vq_decode(self._vq_graphdef, self._vq_state, jax.device_put(c[None]),
                                            jnp.int32(done)))[0]
                 for c in codes]
         images = np.stack(imgs) if imgs else np.zeros((0,), np.float32)
@@ -486,18 +503,38 @@ class DalleMini:
 
     # ---- internals ------------------------------------------------------------------
     def _compile_vqgan(self) -> None:
-        """Compile the VQGAN decode of one image (once; `from_pretrained` does it at once).
+        """Compile the VQGAN decode of one image (once; `from_pretrained` does it while
+        loading, before the transformer).
 
-        Decoding a 256x256 image is generation's peak of memory, and compiling it is
-        another (the compiler's working memory, given back after, `compile_then_trim`):
-        done right after loading, it happens with the least else alive, not on top of the
-        transformer's compiled programs and KV cache.
+        Compiling it is a peak of memory (the compiler's working memory, given back after,
+        `compile_then_trim`): done ahead, it happens with the least else alive, not on top
+        of the transformer's compiled programs and KV cache.
         """
         if not self._vq_compiled:
-            S = self.config.image_len
-            compile_then_trim(lambda: self._vq_decode.lower(self._vq_graphdef, self._vq_state,
-                                                            jnp.zeros((1, S), jnp.int32), jnp.int32(S)))
+            compile_vqgan_decode(self.vqgan)
             self._vq_compiled = True
+
+    def compile_for(self, num_prompts: int = 1, num_images: int = 1,
+                    temperature: float | ModelDefault = MODEL_DEFAULT,
+                    top_k: int | None | ModelDefault = MODEL_DEFAULT,
+                    top_p: float | None | ModelDefault = MODEL_DEFAULT,
+                    guidance: float | None | ModelDefault = MODEL_DEFAULT,
+                    batch_size: int | None = 16) -> None:
+        """Compile what `generate` of `num_prompts` prompts with these arguments (as there)
+        will run, without running it (`TokenSampler.compile_ahead`); the VQGAN decode is
+        compiled already. Does nothing with a mesh.
+
+        Why: compiling the decode loop takes ~140 MiB of working memory for DALL-E Mini;
+        done here, before a generation, it does not stack on the decode state and the
+        encoder's compiled program (`from_pretrained(compile_ahead=True)` calls this with
+        the defaults; the CLI with its arguments).
+        """
+        if self.mesh is not None:
+            return
+        _, settings, batches = self._plan(["a"] * num_prompts, num_images, 0, temperature, top_k, top_p,
+                                          guidance, batch_size)
+        for batch in batches:
+            self.sampler.compile_ahead(*self._start_inputs(batch, settings), settings)
 
     def _plan(self, prompts, num_images, seed, temperature, top_k, top_p, guidance, batch_size):
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -646,6 +683,16 @@ def vqgan_decode_fn(dtype: Any = jnp.float32):
     """
     options = xla_cpu.compiler_options()
     return _decode_jit(VQGANDecoder.ROWS, **options)
+
+
+def compile_vqgan_decode(vqgan: VQGANDecoder) -> None:
+    """Compile `vqgan_decode_fn` for one image of `vqgan` ahead of its first call (jit's
+    cache then serves the pipeline's decodes) and give the compiler's memory back
+    (`compile_then_trim`)."""
+    graphdef, state = nnx.split(vqgan)
+    S = vqgan.config.num_tokens
+    decode = vqgan_decode_fn(jax.tree.leaves(state)[0].dtype)
+    compile_then_trim(lambda: decode.lower(graphdef, state, jnp.zeros((1, S), jnp.int32), jnp.int32(S)))
 
 
 def _grey(side: int) -> Image.Image:

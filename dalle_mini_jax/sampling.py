@@ -655,8 +655,7 @@ class TokenSampler:
     def start(self, input_ids, attention_mask, rows, uncond_row: int | None) -> DecodeState:
         """See `start_state`; inputs are host arrays."""
         args = self._start_args(input_ids, attention_mask, rows, uncond_row)
-        self._compile_once(("start", np.shape(input_ids), np.shape(rows), uncond_row is None),
-                           lambda: _jit_start.lower(*args))
+        self._compile_once(self._start_key(input_ids, rows, uncond_row), lambda: _jit_start.lower(*args))
         with activate(self.mesh):
             return _jit_start(*args)
 
@@ -664,10 +663,40 @@ class TokenSampler:
             settings: SamplingSettings) -> DecodeState:
         """Decode steps begin..end-1 (see `decode_steps`). `state` is consumed."""
         args, top_k = self._run_args(state, keys, begin, end, settings)
-        self._compile_once(("run", state.tokens.shape, top_k, settings.guided, settings.uses_top_p),
-                           lambda: _jit_run.lower(*args, top_k=top_k))
+        self._compile_once(self._run_key(state, top_k, settings), lambda: _jit_run.lower(*args, top_k=top_k))
         with activate(self.mesh):
             return _jit_run(*args, top_k=top_k)
+
+    def compile_ahead(self, input_ids, attention_mask, rows, uncond_row: int | None, keys: jax.Array,
+                      settings: SamplingSettings) -> None:
+        """Compile `start` and `run` for these inputs and settings without running either
+        (the decode state is `start`'s abstract output): the calls that follow with the
+        same shapes and static settings neither trace nor compile. Not for a mesh (the
+        abstract state would carry no sharding, and the real call would compile again).
+
+        Why: compiling the decode loop takes ~140 MiB of working memory for DALL-E Mini
+        (given back after, `compile_then_trim`), and at the first generation that came
+        on top of the start's compiled program and the decode state, the peak of a bf16
+        generation (`benchmarks/load_memory.py DIR --dtype bfloat16 --timeline`;
+        `DalleMini.compile_for` calls this before generating).
+        """
+        if self.mesh is not None:
+            raise ValueError("compile_ahead is for a sampler without a mesh")
+        args = self._start_args(input_ids, attention_mask, rows, uncond_row)
+        with activate(self.mesh):
+            start = _jit_start.lower(*args)
+        self._compile_once(self._start_key(input_ids, rows, uncond_row), lambda: start)
+        state = start.out_info  # ShapeDtypeStructs
+        run_args, top_k = self._run_args(state, keys, 0, self.config.image_len, settings)
+        self._compile_once(self._run_key(state, top_k, settings), lambda: _jit_run.lower(*run_args, top_k=top_k))
+
+    @staticmethod
+    def _start_key(input_ids, rows, uncond_row) -> tuple:
+        return ("start", np.shape(input_ids), np.shape(rows), uncond_row is None)
+
+    @staticmethod
+    def _run_key(state: DecodeState, top_k: int | None, settings: SamplingSettings) -> tuple:
+        return ("run", state.tokens.shape, top_k, settings.guided, settings.uses_top_p)
 
     def _compile_once(self, key: tuple, lower) -> None:
         """On a signature's first call, compile ahead and give the compiler's memory back

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from . import checkpoint as ckpt
+from .float_bits import bits, unbits
 from .attention import attend_cache, attend_one, attention, causal_mask, padding_mask
 from .config import DalleBartConfig
 from .sharding import constrain, param, state_shardings
@@ -364,6 +365,11 @@ class DecodeCache:
       self_k, self_v: [L, B, H, S, K] keys/values of the tokens decoded so far, or a
         list of L [B, H, S, K] arrays (separate buffers, which XLA updates in place).
         Heads before positions: the layout `attention.attend_one` reads in place.
+        With a 16-bit compute dtype they hold the values' uint16 bits (`float_bits`):
+        XLA:CPU widened each bf16 cache to float32 to write one position into it, and
+        copied it back, every step: DALL-E Mini's bf16 decode loop had 29.2 MiB of
+        temporaries, 12 MiB of them cache copies (`benchmarks/load_memory.py DIR
+        --dtype bfloat16 --compiled`).
       cross_k, cross_v: [L, B, H, T, K] encoder keys/values, computed once per prompt,
         or a list of L [B, H, T, K] arrays.
       enc_mask: [B, 1, 1, T] encoder padding mask.
@@ -488,7 +494,7 @@ class DalleBart(nnx.Module):
         x = jnp.broadcast_to(enc.reshape(1, B * T, -1), (L, B * T, enc.shape[-1]))
         ck = _dense("lnd,lde->lne", x, cross["k"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
         cv = _dense("lnd,lde->lne", x, cross["v"]).reshape(L, B, T, H, K).transpose(0, 1, 3, 2, 4)
-        zeros = jnp.zeros((L, B, H, S, K), self.dtype)
+        zeros = bits(jnp.zeros((L, B, H, S, K), self.dtype))
         return DecodeCache(
             self_k=constrain(zeros, CACHE_AXES),
             self_v=constrain(zeros, CACHE_AXES),
@@ -543,15 +549,18 @@ class DalleBart(nnx.Module):
             def attend(q, k, v, l=l):
                 nonlocal self_k, self_v
                 k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, 1, K]
+                # The cache holds 16-bit keys/values as their bits (`DecodeCache`).
+                k, v = bits(k.astype(self.dtype)), bits(v.astype(self.dtype))
                 if per_layer:
                     at = (0, 0, position, 0)
-                    self_k[l] = jax.lax.dynamic_update_slice(self_k[l], k.astype(self_k[l].dtype), at)
-                    self_v[l] = jax.lax.dynamic_update_slice(self_v[l], v.astype(self_v[l].dtype), at)
+                    self_k[l] = jax.lax.dynamic_update_slice(self_k[l], k, at)
+                    self_v[l] = jax.lax.dynamic_update_slice(self_v[l], v, at)
                 else:
                     at = (l, 0, 0, position, 0)
-                    self_k = jax.lax.dynamic_update_slice(self_k, k[None].astype(self_k.dtype), at)
-                    self_v = jax.lax.dynamic_update_slice(self_v, v[None].astype(self_v.dtype), at)
-                return attend_cache(q[:, 0], self_k[l], self_v[l], position)[:, None]
+                    self_k = jax.lax.dynamic_update_slice(self_k, k[None], at)
+                    self_v = jax.lax.dynamic_update_slice(self_v, v[None], at)
+                return attend_cache(q[:, 0], unbits(self_k[l], self.dtype), unbits(self_v[l], self.dtype),
+                                    position)[:, None]
 
             def cross(q, l=l):
                 return attend_one(q[:, 0], cache.cross_k[l], cache.cross_v[l], enc_valid)[:, None]

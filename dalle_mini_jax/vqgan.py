@@ -70,6 +70,8 @@ from dalle_mini_jax.checkpoint import (
     write_msgpack,
 )
 from dalle_mini_jax.config import VQGANConfig
+from dalle_mini_jax.float_bits import bits as _bits
+from dalle_mini_jax.float_bits import unbits as _unbits
 from dalle_mini_jax.sharding import constrain, param
 
 DEFAULT_BETA = 0.25  # taming's commitment cost
@@ -243,15 +245,6 @@ def make_norm(channels: int, config: VQGANConfig, *, statistics: bool = True,
     """The model's norm layer: GroupNorm, or only its affine map (a local encoder's)."""
     return GroupNorm(channels, groups=config.norm_groups, eps=config.norm_eps,
                      statistics=statistics, dtype=dtype, param_dtype=param_dtype)
-
-
-def _bits(x: jax.Array) -> jax.Array:
-    """A 16-bit float array as its uint16 bits (others unchanged)."""
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
-
-
-def _unbits(bits: jax.Array, dtype) -> jax.Array:
-    return jax.lax.bitcast_convert_type(bits, dtype) if bits.dtype != dtype else bits
 
 
 def _rows_of_bits(bits: jax.Array, start: jax.Array | int, count: int, dtype) -> jax.Array:

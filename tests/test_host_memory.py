@@ -44,3 +44,34 @@ def test_one_arena_serves_every_thread_from_the_main_heap():
     assert _arenas("one") == ("True", 1)
     assert _arenas("default")[1] > 1
     assert _arenas("one", MALLOC_ARENA_MAX="3")[0] == "False"
+
+
+def test_wait_for_frees_waits_for_another_threads_free():
+    """As XLA:CPU's worker thread frees a computation's buffers a few ms after its outputs
+    are ready: `wait_for_frees` returns only once they are freed."""
+    import threading
+    import time
+
+    from dalle_mini_jax import host_memory
+
+    if host_memory._heap_in_use() is None:
+        pytest.skip("no mallinfo2 (glibc < 2.33)")
+    allocated, freed_at = threading.Event(), []
+
+    def worker():
+        held = [bytes(2048) for _ in range(5000)]  # ~10 MiB of malloc'd (not mmapped) blocks
+        allocated.set()
+        time.sleep(0.005)
+        held.clear()
+        freed_at.append(time.perf_counter())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    allocated.wait()
+    before = host_memory._heap_in_use()
+    host_memory.wait_for_frees()
+    returned = time.perf_counter()
+    after = host_memory._heap_in_use()
+    thread.join()
+    assert freed_at and freed_at[0] <= returned
+    assert before - after > 8 << 20

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ PROMPTS = ["a red square on a white background", "three green triangles in a row
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):  # noqa: F811
-    return DalleMini.from_pretrained(tiny_model_dir)
+    return DalleMini.from_pretrained(tiny_model_dir, compile_ahead=False)  # its tests compile what they use
 
 
 def _arr(images):
@@ -67,6 +68,31 @@ def test_second_call_does_not_recompile(pipe):
     before = dict(sampling.TRACE_COUNTS)
     pipe.generate(PROMPTS, num_images=1, seed=9, guidance=4.0, temperature=0.7)
     assert dict(sampling.TRACE_COUNTS) == before
+
+
+def test_loading_compiles_the_default_generation(tiny_model_dir, tmp_path):  # noqa: F811
+    """`from_pretrained` compiles the sampler for one image with the model's defaults
+    (`compile_for`, while nothing else is alive), so `generate(prompt)` compiles nothing;
+    `compile_for` with other arguments likewise. Top-k values of its own keep other
+    tests' programs out of jit's cache."""
+    model_dir = linked_copy(tiny_model_dir, tmp_path / "model")
+    write_generation_config(model_dir, top_k=7, guidance=3.0)
+    p = DalleMini.from_pretrained(model_dir)
+    compiles = []
+    listener = lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        before = dict(sampling.TRACE_COUNTS)
+        p.generate(PROMPTS[0], seed=2)
+        assert dict(sampling.TRACE_COUNTS) == before and not compiles
+        p.generate(PROMPTS[0], seed=2, top_k=6)  # not the default: compiled now
+        assert compiles
+        p.compile_for(len(PROMPTS), num_images=2, top_k=5, batch_size=3)  # batches of 3 and 1
+        compiles.clear()
+        p.generate(PROMPTS, num_images=2, seed=2, top_k=5, batch_size=3)
+        assert not compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_stream_previews_and_final_equal_generate(pipe):

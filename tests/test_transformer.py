@@ -404,6 +404,31 @@ def test_bfloat16_model_runs_close_to_float32(tiny_model, tmp_path):
     assert err < 5e-2, f"bf16 vs fp32 logits relative error {err:.3f}"
 
 
+def test_bfloat16_cache_holds_bits_and_is_written_in_place(tiny_model, tmp_path):
+    """A 16-bit decode cache holds its keys/values as uint16 bits: XLA:CPU widened a bf16
+    cache to float32 to write one position into it (a copy of each layer's cache every
+    step). Cached decoding still matches the full sequence, in every cache layout."""
+    cfg = tiny_model.config
+    tiny_model.save_pretrained(tmp_path)
+    bf = DalleBart.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    ids, mask = text_batch(cfg, [16, 5], seed=4)
+    dec = image_batch(cfg, 2, seed=5)
+    full, runs = full_and_cached(bf, ids, mask, dec, per_layer=True)
+    for steps in runs:
+        assert rel_err(steps, full) < 2e-2  # both in bf16, summed in other orders
+
+    cache = bf.init_cache(bf.encode(ids, mask), mask)
+    assert cache.self_k.dtype == cache.self_v.dtype == jnp.uint16
+    step = nnx.jit(lambda m, c: m.decode_step(dec[:, 3], jnp.int32(3), c))
+    hlo = step.lower(bf, cache).compile().as_text()
+    L, (B, H, S, K) = cfg.num_decoder_layers, cache.self_k.shape[1:]
+    widened = [line for line in hlo.splitlines() if "dynamic-update-slice(" in line
+               and (f"f32[{L},{B},{H},{S},{K}]" in line or f"f32[{B},{H},{S},{K}]" in line)]
+    assert not widened, widened[:2]
+    logits, after = step(bf, cache)
+    assert after.self_k.dtype == jnp.uint16 and np.isfinite(np.asarray(logits)).all()
+
+
 def test_bfloat16_parameters_train_through_every_table(tiny_model):
     """bf16 embedding rows are gathered as 16-bit integers (transformer._rows, for
     memory); a bitcast has no derivative, so the gather's own must reach every table."""
