@@ -217,12 +217,11 @@ def timeline(args) -> int:
     start, run, decode = pipe._start, pipe.sampler.run, pipe.decode_codes
     gen = [0]
 
-    def marked(name, f, wait=True):
+    def marked(name, f):
         def call(*a, **kw):
             sampler.phase(f"{gen[0]}: {name}")
             out = f(*a, **kw)
-            if wait:
-                jax.block_until_ready(out)
+            jax.block_until_ready(out)
             sampler.phase(f"{gen[0]}: after {name}")
             return out
         return call

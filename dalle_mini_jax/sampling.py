@@ -663,7 +663,7 @@ class TokenSampler:
             settings: SamplingSettings) -> DecodeState:
         """Decode steps begin..end-1 (see `decode_steps`). `state` is consumed."""
         args, top_k = self._run_args(state, keys, begin, end, settings)
-        self._compile_once(self._run_key(state, top_k, settings), lambda: _jit_run.lower(*args, top_k=top_k))
+        self._compile_once(self._run_key(state, settings), lambda: _jit_run.lower(*args, top_k=top_k))
         with activate(self.mesh):
             return _jit_run(*args, top_k=top_k)
 
@@ -671,8 +671,9 @@ class TokenSampler:
                       settings: SamplingSettings) -> None:
         """Compile `start` and `run` for these inputs and settings without running either
         (the decode state is `start`'s abstract output): the calls that follow with the
-        same shapes and static settings neither trace nor compile. Not for a mesh (the
-        abstract state would carry no sharding, and the real call would compile again).
+        same shapes and static settings neither trace nor compile. Not for a mesh (not
+        tried there: jit's cache would have to see the state's shardings as the real
+        call's).
 
         Why: compiling the decode loop takes ~140 MiB of working memory for DALL-E Mini
         (given back after, `compile_then_trim`), and at the first generation that came
@@ -682,21 +683,25 @@ class TokenSampler:
         """
         if self.mesh is not None:
             raise ValueError("compile_ahead is for a sampler without a mesh")
-        args = self._start_args(input_ids, attention_mask, rows, uncond_row)
-        with activate(self.mesh):
-            start = _jit_start.lower(*args)
+        start = self.lower_start(input_ids, attention_mask, rows, uncond_row)
         self._compile_once(self._start_key(input_ids, rows, uncond_row), lambda: start)
         state = start.out_info  # ShapeDtypeStructs
-        run_args, top_k = self._run_args(state, keys, 0, self.config.image_len, settings)
-        self._compile_once(self._run_key(state, top_k, settings), lambda: _jit_run.lower(*run_args, top_k=top_k))
+        self._compile_once(self._run_key(state, settings),
+                           lambda: self.lower_run(state, keys, 0, self.config.image_len, settings))
 
     @staticmethod
     def _start_key(input_ids, rows, uncond_row) -> tuple:
         return ("start", np.shape(input_ids), np.shape(rows), uncond_row is None)
 
-    @staticmethod
-    def _run_key(state: DecodeState, top_k: int | None, settings: SamplingSettings) -> tuple:
-        return ("run", state.tokens.shape, top_k, settings.guided, settings.uses_top_p)
+    def _run_key(self, state: DecodeState, settings: SamplingSettings) -> tuple:
+        return ("run", state.tokens.shape, self._top_k(settings), settings.guided, settings.uses_top_p)
+
+    def _top_k(self, settings: SamplingSettings) -> int | None:
+        """`settings.top_k` as the decode loop takes it (a static int, or None)."""
+        top_k = settings.top_k
+        if top_k is not None and top_k >= self.config.num_image_codes:
+            return None  # keeping every code is no filter: skip the work
+        return None if top_k is None else int(top_k)
 
     def _compile_once(self, key: tuple, lower) -> None:
         """On a signature's first call, compile ahead and give the compiler's memory back
@@ -742,11 +747,8 @@ class TokenSampler:
         return jnp.asarray(host_rows(self._text_table, input_ids, self._table_dtype))
 
     def _run_args(self, state, keys, begin, end, settings: SamplingSettings) -> tuple[tuple, int | None]:
-        top_k = settings.top_k
-        if top_k is not None and top_k >= self.config.num_image_codes:
-            top_k = None  # keeping every code is no filter: skip the work
         args = (self._graphdef, self.mesh, self._params, self._layers, self._head, self._tokens, state, keys,
                 jnp.int32(begin), jnp.int32(end), jnp.float32(settings.temperature),
                 jnp.float32(settings.guidance) if settings.guided else None,
                 jnp.float32(settings.top_p) if settings.uses_top_p else None)
-        return args, None if top_k is None else int(top_k)
+        return args, self._top_k(settings)
