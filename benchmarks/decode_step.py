@@ -1,31 +1,36 @@
 """Decode-step time by the layout of the decoder's dense kernels: an A/B in one process.
 
-    python benchmarks/decode_step.py DIR [--images 1 9] [--dtype float32] [--steps 32] [--runs 3]
+    python benchmarks/decode_step.py DIR [--images 1 9] [--dtype float32] [--steps 256] [--runs 3]
+        [--layouts in-out one-part parts parts-head threaded]
 
 DIR is a model directory, e.g. the random DALL-E Mini one that `python
 benchmarks/generate.py --preset mini --only ours1 --runs 1 --workdir W` leaves in
 W/mini-model. For each number of images and each layout the sampler could hold its
-per-layer kernels in (`sampling.split_decoder_layers(parts=)`):
+per-layer kernels in (`sampling.split_decoder_layers(parts=, threaded=)`), `--layouts`:
 
-  parts 0   [in, out], as the model stores them (the layout before `OutMajor`);
-  parts 1   [out, in] in one piece (`transformer.OutMajor`);
-  parts C   [out, in] cut in one part per core (`sampling.kernel_parts()`, the default);
-  parts C + head   the same with lm_head cut likewise (`sampling.split_head`);
-  parts C + head + host table   and the decoder's token table read on the host, a row
-            per image each step (`sampling.HostTable`, what a pipeline's sampler holds
-            on a CPU: here a numpy copy of the table rather than a memory map of the file);
+  in-out      parts 0: [in, out], as the model stores them (the layout before `OutMajor`);
+  one-part    parts 1: [out, in] in one piece (`transformer.OutMajor`);
+  parts       parts C: [out, in] cut in one part per core (`sampling.kernel_parts()`);
+  parts-head  parts C + head: the same with lm_head cut likewise, and "+ host table":
+              also the decoder's token table read on the host, a row per image each
+              step (`sampling.HostTable`, what a pipeline's sampler holds on a CPU
+              without cpu_dots; here a numpy copy of the table, not a memory map);
+  threaded    threaded + head (+ host table): one [out, in] part per kernel and
+              lm_head, multiplied by `cpu_dots.rows_dot` on all cores, attention by
+              `cpu_dots.attend` (`sampling.dot_layout`: what a pipeline's sampler holds
+              on a CPU for DALL-E Mini when the kernel builds),
 
 it runs the first `--steps` guided decode steps (top-k 50, guidance 10, a random
-prompt; a step attends over the whole cache, masked, so its cost does not depend on
-the position) `--runs` times after a warm-up, and prints the median ms per step and
-the ratio to the first layout. Timings vary between runs on a shared machine: compare
-the ratios within one run.
+prompt; by default all of them: with `cpu_dots` a step reads only the cache positions
+written so far, so its cost grows with the position) `--runs` times after a warm-up,
+all layouts alternating, and prints the median ms per step and the ratio to the first
+layout. Timings vary between runs on a shared machine: compare the ratios within one
+run.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -36,63 +41,80 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+LAYOUTS = ("in-out", "one-part", "parts", "parts-head", "threaded")  # in the order they run
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path)
     p.add_argument("--images", type=int, nargs="+", default=[1, 9])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's image_len")
+    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
+    from dalle_mini_jax import cpu_dots
     from dalle_mini_jax.sampling import (HostTable, SamplingSettings, TokenSampler, image_keys, kernel_parts,
-                                         split_decoder_layers, split_head)
-    from dalle_mini_jax.transformer import DalleBart
+                                         split_decoder_layers)
+    from dalle_mini_jax.transformer import DalleBart, OutMajor
 
     model = DalleBart.from_pretrained(args.model_dir, dtype=args.dtype)
     cfg = model.config
-    sampler = TokenSampler(model)
+    sampler = TokenSampler(model, cpu_kernels=False)  # its layers are replaced by each layout's
     settings = SamplingSettings(top_k=50, guidance=10.0)
     rng = np.random.default_rng(0)
     ids = rng.integers(4, cfg.text_vocab_size, (2, cfg.text_len)).astype(np.int32)  # prompt, uncond
     mask = np.ones_like(ids)
     cores = kernel_parts()
-    layouts = [(p, False) for p in dict.fromkeys([0, 1, cores])] + [(cores, True)]
+    steps = args.steps or cfg.image_len
+    # (parts, lm_head split too, threaded)
+    chosen = {"in-out": (0, False, False), "one-part": (1, False, False), "parts": (cores, False, False),
+              "parts-head": (cores, True, False), "threaded": (1, True, True)}
+    layouts = list(dict.fromkeys(chosen[name] for name in LAYOUTS if name in args.layouts))
+    if (1, True, True) in layouts and not (cpu_dots.supports(model.dtype) and cpu_dots.available()):
+        layouts.remove((1, True, True))
+        print(f"no threaded layout: {cpu_dots.reason() or f'{args.dtype} weights'}")
     print(f"{args.model_dir} {args.dtype}, {kernel_parts()} core(s); ms per decode step, median of {args.runs}")
+    # Every layout is held at once and the runs alternate between them (run r of each,
+    # then r + 1), so a drift of the machine's speed biases none of them.
+    lm = model.lm_head[...]
+    table = np.asarray(jax.device_get(model.dec_embed.tokens[...]))
+    host = HostTable.register(sampler, table, model.dtype)
+    held = []  # (name, layers, head, token source)
+    for parts, split, threaded in layouts:
+        layers = split_decoder_layers(model, parts=parts, threaded=threaded)
+        name = "threaded" if threaded else f"parts {parts}"
+        if not split:
+            held.append((name, layers, None, None))
+            continue
+        e = [lm.shape[1] * i // parts for i in range(parts + 1)]
+        head = OutMajor(tuple(lm[:, e[i]:e[i + 1]].T for i in range(parts)), threaded)
+        held.append((name + " + head", layers, head, None))
+        held.append((name + " + head + host table", layers, head, host))
     results: dict[int, list[tuple[str, float, list[float]]]] = {n: [] for n in args.images}
-    for parts, split in layouts:  # the head layout last: it takes lm_head over
-        sampler._layers = None
-        gc.collect()
-        sampler._layers = split_decoder_layers(model, parts=parts)
-        sources = {"": None}
-        if split:
-            sampler._head = split_head(model, parts)
-            # The token table's two homes, run alternately (run r of each, then r + 1).
-            table = np.asarray(jax.device_get(model.dec_embed.tokens[...]))
-            sources[" + host table"] = HostTable.register(sampler, table, model.dtype)
-        for n in args.images:
-            keys = image_keys(1, ["p"] * n, list(range(n)))
-            times = {k: [] for k in sources}
-            for r in range(args.runs + 1):  # the first run compiles: not timed
-                for k, source in sources.items():
-                    sampler._tokens = source
-                    state = sampler.start(ids, mask, np.zeros(n, np.int32), 1)
-                    jax.block_until_ready(state)
-                    t = time.perf_counter()
-                    state = sampler.run(state, keys, 0, args.steps, settings)
-                    state.tokens.block_until_ready()
-                    if r:
-                        times[k].append((time.perf_counter() - t) / args.steps * 1e3)
-            for k, ts in times.items():
-                name = f"parts {parts}" + (" + head" if split else "") + k
-                results[n].append((name, statistics.median(ts), ts))
+    for n in args.images:
+        keys = image_keys(1, ["p"] * n, list(range(n)))
+        times = {name: [] for name, *_ in held}
+        for r in range(args.runs + 1):  # the first run compiles: not timed
+            for name, layers, head, source in held:
+                sampler._layers, sampler._head, sampler._tokens = layers, head, source
+                state = sampler.start(ids, mask, np.zeros(n, np.int32), 1)
+                jax.block_until_ready(state)
+                t = time.perf_counter()
+                state = sampler.run(state, keys, 0, steps, settings)
+                state.tokens.block_until_ready()
+                if r:
+                    times[name].append((time.perf_counter() - t) / steps * 1e3)
+        results[n] = [(name, statistics.median(ts), ts) for name, ts in times.items()]
     for n, rows in results.items():
         first = rows[0][1]
         for name, ms, times in rows:
-            print(f"images {n}  {name:<27} {ms:7.1f} ms/step  {first / ms:5.2f}x  "
+            print(f"images {n}  {name:<36} {ms:7.1f} ms/step  {first / ms:5.2f}x  "
                   f"({', '.join(f'{t:.1f}' for t in times)})", flush=True)
     return 0
 

@@ -26,9 +26,12 @@ batch rows) and preallocates the self-attention cache as L buffers [rows, H, S, 
 The decoder weights a step reads are passed as separate per-layer buffers too
 (`split_decoder_layers`): XLA:CPU copies a slice of a stacked weight or cache before
 using it, which would triple the memory traffic of a bandwidth-bound step. Each
-dense kernel is held [out, in] and cut in one part per CPU core (`OutMajor`,
-`kernel_parts`): the layout and the concurrency XLA:CPU multiplies a few rows fastest
-with.
+dense kernel is held [out, in] (`OutMajor`). On a CPU, for a model big enough to gain
+(`dot_layout`), the step's dots and attention run in `cpu_dots`, a small C++ kernel
+built on first use that splits each over all cores and reads only the cache
+positions written so far; otherwise each kernel is cut in one part per core
+(`kernel_parts`), the layout and the concurrency XLA:CPU multiplies a few rows
+fastest with.
 `TokenSampler.run(state, start, stop)` runs decode steps start..stop-1 as one
 `lax.fori_loop` inside one jitted call, with the state donated so the cache is
 updated in place. Step bounds are traced values, so a full 256-step run and a run in
@@ -54,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import cpu_dots
 from .host_memory import compile_then_trim
 from .sharding import activate, constrain
 from .transformer import CACHE_AXES, DalleBart, DecodeCache, OutMajor, TableBits, host_rows
@@ -479,6 +483,29 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# Below this many bytes of decoder weights read per step, the sampler keeps XLA's dots:
+# building `cpu_dots` on first use takes seconds, more than it saves a small model (the
+# bundled one reads 4.6 MB of decoder weights a step; DALL-E Mini 772 MB).
+CPU_DOTS_MIN_BYTES = 64 * 2**20
+
+
+def dot_layout(mesh=None, dtype=jnp.float32, step_bytes: int = 0,
+               cpu_kernels: bool | None = None) -> tuple[int, bool]:
+    """How the sampler holds each decoder kernel: (`OutMajor` parts, threaded).
+
+    Threaded (one part each, multiplied by `cpu_dots.rows_dot` on all cores, and
+    attention by `cpu_dots.attend`) on a CPU without a mesh, for float32 or bfloat16
+    weights, when `cpu_dots` builds and `cpu_kernels` is True, or None with at least
+    `CPU_DOTS_MIN_BYTES` of weights read per step (`step_bytes`). Otherwise
+    `kernel_parts(mesh)` parts for XLA's dots.
+    """
+    wanted = step_bytes >= CPU_DOTS_MIN_BYTES if cpu_kernels is None else cpu_kernels
+    if (wanted and mesh is None and jax.default_backend() == "cpu" and cpu_dots.supports(dtype)
+            and cpu_dots.available()):
+        return 1, True
+    return kernel_parts(mesh), False
+
+
 def kernel_parts(mesh=None) -> int:
     """How many parts the sampler cuts each decoder kernel in (`OutMajor`).
 
@@ -492,7 +519,7 @@ def kernel_parts(mesh=None) -> int:
 
 
 def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
-                 release_stacked: bool = False, out_major_parts: int = 0) -> list[dict]:
+                 release_stacked: bool = False, out_major_parts: int = 0, threaded: bool = False) -> list[dict]:
     """A stack of layers' weights as L separate pytrees of separate buffers.
 
     Args:
@@ -504,6 +531,7 @@ def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
         held once), replacing it in the module by an empty placeholder.
       out_major_parts: if > 0, hold each dense kernel ([L, in, out]) as an `OutMajor`
         of that many [out_i, in] buffers, the layout a decode step multiplies fastest.
+      threaded: the `OutMajor`s are multiplied by `cpu_dots.rows_dot` (`dot_layout`).
 
     Returns:
       [L] nested dicts like `_values(stack)` without the layer axis and without `skip`.
@@ -519,7 +547,7 @@ def split_layers(stack: nnx.Module, num_layers: int, skip: tuple[str, ...] = (),
         cut = out_major_parts if x.ndim == 3 else 0
         parts = _unstack(x, cut)  # each part keeps the stack's sharding minus the layer axis
         if cut:
-            parts = tuple(OutMajor(p) for p in parts)
+            parts = tuple(OutMajor(p, threaded) for p in parts)
         for l in range(num_layers):
             node = per_layer[l]
             *parents, leaf = key.split("/")
@@ -543,7 +571,8 @@ def _release(var: nnx.Param, copies: Any) -> None:
     x.delete()
 
 
-def split_decoder_layers(model: DalleBart, release_stacked: bool = False, parts: int = 1) -> list[dict]:
+def split_decoder_layers(model: DalleBart, release_stacked: bool = False, parts: int = 1,
+                         threaded: bool = False) -> list[dict]:
     """The decoder layers' per-step weights as L separate pytrees of separate buffers.
 
     Args:
@@ -553,19 +582,21 @@ def split_decoder_layers(model: DalleBart, release_stacked: bool = False, parts:
         run its full-sequence `decode`: only for a model owned by a pipeline.
       parts: each dense kernel is held as an `OutMajor` of this many parts
         (`kernel_parts`); 0 keeps them [in, out] arrays.
+      threaded: multiply them with `cpu_dots.rows_dot` (`dot_layout`).
 
     Returns:
       [L] nested dicts like `_values(model.dec_layers)` without the layer axis and
       without the cross-attention k/v kernels.
     """
     return split_layers(model.dec_layers, model.config.num_decoder_layers, _NOT_PER_STEP,
-                        release_stacked, out_major_parts=parts)
+                        release_stacked, out_major_parts=parts, threaded=threaded)
 
 
-def split_head(model: DalleBart, parts: int) -> OutMajor:
-    """lm_head [D, V] as an `OutMajor` of `parts` parts, taken over from the model: its
-    own becomes an empty placeholder (the model then needs `decode_step(head=...)`)."""
-    head = OutMajor(_unstack(model.lm_head[...][None], parts)[0])
+def split_head(model: DalleBart, parts: int, threaded: bool = False) -> OutMajor:
+    """lm_head [D, V] as an `OutMajor` of `parts` parts (`threaded`: see `dot_layout`),
+    taken over from the model: its own becomes an empty placeholder (the model then
+    needs `decode_step(head=...)`)."""
+    head = OutMajor(_unstack(model.lm_head[...][None], parts)[0], threaded)
     _release(model.lm_head, head)
     return head
 
@@ -632,19 +663,23 @@ class TokenSampler:
         each start looks up its prompts' rows there (`host_rows`). None: the model's own.
       image_table: likewise the decoder's token table (`from_pretrained_tables_on_host`),
         read row by row in the decode loop (`HostTable`). None: the model's own.
+      cpu_kernels: multiply with `cpu_dots` on a CPU (`dot_layout`): True, False, or
+        None for "when the model is big enough to gain".
     """
 
     def __init__(self, model: DalleBart, mesh=None, release_stacked: bool = False,
-                 text_table: np.ndarray | None = None, image_table: np.ndarray | None = None):
+                 text_table: np.ndarray | None = None, image_table: np.ndarray | None = None,
+                 cpu_kernels: bool | None = None):
         self.config = model.config
         self.mesh = mesh
         self._text_table = text_table
         self._compiled: set[tuple] = set()  # signatures compiled ahead (`_compile_once`)
         self._table_dtype = model.enc_embed.tokens[...].dtype  # the rows as the device table would hold them
-        parts = kernel_parts(mesh)
-        self._layers = split_decoder_layers(model, release_stacked=release_stacked, parts=parts)
+        step_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.dec_layers, nnx.Param))) + model.lm_head[...].nbytes
+        parts, threaded = dot_layout(mesh, self._table_dtype, step_bytes, cpu_kernels)
+        self._layers = split_decoder_layers(model, release_stacked=release_stacked, parts=parts, threaded=threaded)
         # lm_head likewise, when the sampler may take it over (else it would be held twice).
-        self._head = split_head(model, parts) if release_stacked else None
+        self._head = split_head(model, parts, threaded) if release_stacked else None
         if image_table is not None:
             self._tokens = HostTable.register(self, image_table, self._table_dtype)
         else:

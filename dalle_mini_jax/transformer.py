@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from . import checkpoint as ckpt
+from . import cpu_dots
 from .float_bits import bits, unbits
 from .attention import attend_cache, attend_one, attention, causal_mask, padding_mask
 from .config import DalleBartConfig
@@ -159,9 +160,20 @@ class OutMajor:
     one image 61.0 ms a step as [in, out], 69.8 as one [out, in] part, 50.8 in 2 parts
     (1.20x), 48.9 with lm_head in 2 parts too (1.25x); a 3x3 grid 190.7, 146.3, 131.7,
     124.7 (1.53x). Same values up to summation order.
+
+    `threaded`: one part, multiplied by `cpu_dots.rows_dot`, which splits every dot
+    over all cores itself (the parts above overlap only part of the time); the
+    sampler's layout on a CPU where that kernel builds (`sampling.dot_layout`).
     """
 
     parts: tuple[jax.Array, ...]
+    threaded: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
+def _threaded(tree: Any) -> bool:
+    """Whether `tree` holds `OutMajor` kernels multiplied by `cpu_dots` (`threaded`)."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, OutMajor))
+    return any(isinstance(x, OutMajor) and x.threaded for x in leaves)
 
 
 def _dense(spec: str, x: jax.Array, w: jax.Array | OutMajor) -> jax.Array:
@@ -182,6 +194,10 @@ def _dense(spec: str, x: jax.Array, w: jax.Array | OutMajor) -> jax.Array:
 
 def _dense_f32(spec: str, x: jax.Array, w: jax.Array | OutMajor) -> jax.Array:
     """`_dense` with its float32 result (logits stay float32)."""
+    if isinstance(w, OutMajor) and w.threaded:
+        rows = x.reshape(-1, x.shape[-1])
+        y = jnp.concatenate(cpu_dots.rows_dot(rows, w.parts), axis=-1)
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
     if isinstance(w, OutMajor):
         rows = x.reshape(-1, x.shape[-1])
         y = jnp.concatenate([jnp.einsum("ok,mk->om", t.astype(x.dtype), rows, preferred_element_type=jnp.float32)
@@ -544,6 +560,11 @@ class DalleBart(nnx.Module):
         self_k = list(cache.self_k) if per_layer else cache.self_k
         self_v = list(cache.self_v) if per_layer else cache.self_v
         enc_valid = cache.enc_mask[:, 0, 0, :]  # [B, T]
+        # With the sampler's threaded kernels (`cpu_dots`), attention runs there too: on
+        # all cores, reading only the cache positions written so far.
+        on_cores = (per_layer and layers is not None and _threaded(layers[0])
+                    and cpu_dots.attends(cfg.embed_dim // cfg.num_heads, self.dtype))
+        everywhere = jnp.ones((1, self_k[0].shape[2] if per_layer else 0), bool)
         for l in range(cfg.num_decoder_layers):
 
             def attend(q, k, v, l=l):
@@ -559,10 +580,15 @@ class DalleBart(nnx.Module):
                     at = (l, 0, 0, position, 0)
                     self_k = jax.lax.dynamic_update_slice(self_k, k[None], at)
                     self_v = jax.lax.dynamic_update_slice(self_v, v[None], at)
+                if on_cores:  # only the filled positions are read
+                    return cpu_dots.attend(q[:, 0], self_k[l], self_v[l], everywhere, position + 1).astype(q.dtype)[:, None]
                 return attend_cache(q[:, 0], unbits(self_k[l], self.dtype), unbits(self_v[l], self.dtype),
                                     position)[:, None]
 
             def cross(q, l=l):
+                if on_cores:
+                    k, v = cache.cross_k[l], cache.cross_v[l]
+                    return cpu_dots.attend(q[:, 0], k, v, enc_valid, k.shape[2]).astype(q.dtype)[:, None]
                 return attend_one(q[:, 0], cache.cross_k[l], cache.cross_v[l], enc_valid)[:, None]
 
             p = _layer_slice(stacked, l) if layers is None else layers[l]

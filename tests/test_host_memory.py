@@ -56,11 +56,12 @@ def test_wait_for_frees_waits_for_another_threads_free():
 
     if host_memory._heap_in_use() is None:
         pytest.skip("no mallinfo2 (glibc < 2.33)")
-    allocated, freed_at = threading.Event(), []
+    allocated, measured, freed_at = threading.Event(), threading.Event(), []
 
     def worker():
         held = [bytes(2048) for _ in range(5000)]  # ~10 MiB of malloc'd (not mmapped) blocks
         allocated.set()
+        measured.wait()  # not before `before` is read (a busy machine may delay that)
         time.sleep(0.005)
         held.clear()
         freed_at.append(time.perf_counter())
@@ -69,6 +70,7 @@ def test_wait_for_frees_waits_for_another_threads_free():
     thread.start()
     allocated.wait()
     before = host_memory._heap_in_use()
+    measured.set()
     host_memory.wait_for_frees()
     returned = time.perf_counter()
     after = host_memory._heap_in_use()

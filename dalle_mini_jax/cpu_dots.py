@@ -1,0 +1,193 @@
+"""Few-row dense products on all CPU cores: a decode step's dots (`cpu_dots.cc`).
+
+A decode step multiplies every decoder weight by a handful of rows (2 for one guided
+image, 18 for a 3x3 grid), so it is bound by how fast the weights are read. On this
+project's 2-core machine one core reads about half of what both read together, and
+XLA:CPU runs each small dot on one thread: even with each kernel cut in one part per
+core (`transformer.OutMajor`), the parts overlap only part of the time. `rows_dot`
+calls a small C++ kernel (through XLA's FFI) that splits every dot's rows of W over a
+pool of threads that spin between calls, so all cores read weights for the whole of
+every dot. `python benchmarks/decode_step.py DIR` compares it with XLA's dots.
+
+The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else
+`c++`; `-O3 -march=native`, against the FFI headers jaxlib ships) into a cache
+directory (`$DALLE_MINI_JAX_CACHE`, else `~/.cache/dalle_mini_jax`), keyed by the
+source, jaxlib's version and the CPU; later processes load the cached library. With
+no compiler, or with `DALLE_MINI_JAX_CPU_DOTS=0`, `available()` is False and the
+sampler uses XLA's dots (`reason()` says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("cpu_dots.cc")
+TARGET = "dalle_mini_jax_rows_dot"
+ATTEND_TARGET = "dalle_mini_jax_attend"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+
+_state: dict = {}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    env = os.environ.get("DALLE_MINI_JAX_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "dalle_mini_jax"
+
+
+def _cpu_signature() -> str:
+    """The CPU the library is built for (-march=native): model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = [line for line in text.splitlines()[:40] if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return platform.machine() + "\n".join(keep)
+
+
+def library_path(compiler: Sequence[str]) -> Path:
+    """The cached library's path for this source, jaxlib, compiler and CPU."""
+    import jaxlib
+
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), " ".join(compiler + list(_FLAGS)).encode(),
+                 _cpu_signature().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return cache_dir() / f"cpu_dots-{h.hexdigest()[:16]}.so"
+
+
+def build(compiler: Sequence[str] | None = None) -> Path:
+    """Compile the kernel into the cache (if not there yet) and return the library.
+
+    Raises RuntimeError with the compiler's message when it fails. Safe when several
+    processes build at once: each compiles to its own file and renames it in place.
+    """
+    compiler = list(compiler or shlex.split(os.environ.get("CXX", "c++")))
+    out = library_path(compiler)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = compiler + list(_FLAGS) + ["-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        os.unlink(tmp)
+        raise RuntimeError(f"no C++ compiler ({' '.join(compiler)}: {e})") from e
+    if run.returncode:
+        os.unlink(tmp)
+        raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{run.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def threads() -> int:
+    """Threads a dot runs on: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def available() -> bool:
+    """Whether `rows_dot` can run here: a CPU backend, not switched off, the kernel built
+    and registered (on the first call; a failure warns once and is remembered)."""
+    if "ok" not in _state:
+        _state["ok"], _state["reason"] = _load()
+        if not _state["ok"] and os.environ.get("DALLE_MINI_JAX_CPU_DOTS", "1") != "0":
+            warnings.warn(f"dalle_mini_jax: decode steps use XLA's dots, {_state['reason']}", RuntimeWarning,
+                          stacklevel=2)
+    return _state["ok"]
+
+
+def reason() -> str:
+    """Why `available()` is False ('' when it is True)."""
+    available()
+    return _state["reason"]
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get("DALLE_MINI_JAX_CPU_DOTS", "1") == "0":
+        return False, "switched off by DALLE_MINI_JAX_CPU_DOTS=0"
+    if jax.default_backend() != "cpu":
+        return False, f"the backend is {jax.default_backend()}, not cpu"
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+    except (RuntimeError, OSError) as e:
+        return False, f"the CPU dot kernel could not be built: {e}"
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DmjRowsDot), platform="cpu")
+    jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.DmjAttend), platform="cpu")
+    return True, ""
+
+
+def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None = None) -> tuple[jax.Array, ...]:
+    """x @ W_i^T for each weight, on all cores: float32 [M, K] x [N_i, K] -> [M, N_i].
+
+    Args:
+      x: [M, K], cast to float32 (M small: every row is multiplied by every block of W).
+      weights: [N_i, K] float32 or bfloat16 arrays ("out-major", `OutMajor`'s layout).
+      num_threads: threads to split each product over (default `threads()`).
+
+    Returns:
+      one float32 [M, N_i] per weight; the same products as
+      `jnp.einsum("mk,nk->mn", x, w, preferred_element_type=float32)` up to summation order.
+    """
+    if not available():
+        raise RuntimeError(f"cpu_dots.rows_dot is not available: {reason()}")
+    x = jnp.asarray(x, jnp.float32)
+    m, k = x.shape
+    for w in weights:
+        if w.ndim != 2 or w.shape[1] != k or w.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"rows_dot: weights must be float32/bfloat16 [N, {k}], got {w.dtype} {w.shape}")
+    outs = tuple(jax.ShapeDtypeStruct((m, w.shape[0]), jnp.float32) for w in weights)
+    call = jax.ffi.ffi_call(TARGET, outs, vmap_method="sequential")
+    return tuple(call(x, *weights, threads=np.int64(num_threads or threads())))
+
+
+@functools.cache
+def supports(dtype) -> bool:
+    """Whether `rows_dot` takes weights of this dtype."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def attends(head_size: int, dtype) -> bool:
+    """Whether `attend` takes a cache of this head size and dtype (else use XLA's)."""
+    return head_size % 16 == 0 and head_size <= 256 and supports(dtype) and available()
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, length: jax.Array | int,
+           num_threads: int | None = None) -> jax.Array:
+    """`attention.attend_one` on all cores, reading only the cache positions < `length`.
+
+    Args:
+      q: [B, H, D] queries (cast to float32); D a multiple of 16, at most 256.
+      k, v: [B, H, S, D] float32 or bfloat16 caches (or bfloat16 bits as uint16, the
+        way `DecodeCache` holds them).
+      valid: [B or 1, S] bool, True where attending is allowed.
+      length: int32 scalar; positions >= length are not read (nor attended).
+      num_threads: as for `rows_dot`.
+
+    Returns:
+      [B, H, D] float32: softmax(q . k / sqrt(D)) @ v over the valid positions < length,
+      the weights rounded to bfloat16 before the product with a bfloat16 cache (as
+      `attend_one` does); the same values up to summation order and exp's rounding.
+    """
+    if not available():
+        raise RuntimeError(f"cpu_dots.attend is not available: {reason()}")
+    q = jnp.asarray(q, jnp.float32)
+    call = jax.ffi.ffi_call(ATTEND_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    return call(q, k, v, jnp.asarray(valid, bool), jnp.asarray(length, jnp.int32),
+                threads=np.int64(num_threads or threads()))

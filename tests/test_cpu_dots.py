@@ -1,0 +1,173 @@
+"""cpu_dots: the decode step's threaded dots and cache attention (a C++ kernel built on
+first use), against XLA's own products, and the sampler's use of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dalle_mini_jax import cpu_dots
+from dalle_mini_jax.attention import attend_one
+from dalle_mini_jax.config import transformer_preset
+from dalle_mini_jax.float_bits import bits
+from dalle_mini_jax.sampling import SamplingSettings, TokenSampler, dot_layout, image_keys, split_decoder_layers
+from dalle_mini_jax.transformer import DalleBart, OutMajor
+
+from test_transformer import image_batch, randomize, rel_err, text_batch
+
+pytestmark = pytest.mark.skipif(not cpu_dots.available(), reason=f"cpu_dots unavailable: {cpu_dots.reason()}")
+
+
+def _reference(x, w):
+    return np.asarray(x, np.float64) @ np.asarray(jnp.asarray(w, jnp.float32), np.float64).T
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 18])
+def test_rows_dot_matches_the_product(rows):
+    """Several weights in one call, float32 and bfloat16, row counts that are not
+    multiples of the kernel's blocks (4 rows, 32-row chunks) and K not a multiple of 16."""
+    rng = np.random.default_rng(rows)
+    for k in (64, 83):
+        x = rng.standard_normal((rows, k), dtype=np.float32)
+        ws = [rng.standard_normal((n, k), dtype=np.float32) for n in (3, 64, 101)]
+        ws.append(jnp.asarray(rng.standard_normal((37, k), dtype=np.float32), jnp.bfloat16))
+        ys = jax.jit(cpu_dots.rows_dot)(x, ws)
+        for w, y in zip(ws, ys):
+            assert y.shape == (rows, w.shape[0]) and y.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(y), _reference(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_rows_dot_is_the_same_on_any_thread_count_and_from_many_threads():
+    """Each output is summed by one thread in a fixed order: the bits do not depend on
+    how the rows were shared out, and concurrent calls (XLA may issue independent dots
+    at once) take turns on the pool without mixing their results."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 256), dtype=np.float32)
+    w = rng.standard_normal((1000, 256), dtype=np.float32)
+    one = np.asarray(cpu_dots.rows_dot(x, [w], num_threads=1)[0])
+    for t in (2, 3):
+        np.testing.assert_array_equal(np.asarray(cpu_dots.rows_dot(x, [w], num_threads=t)[0]), one)
+    xs = [rng.standard_normal((2, 256), dtype=np.float32) for _ in range(6)]
+    want = [np.asarray(cpu_dots.rows_dot(xi, [w], num_threads=1)[0]) for xi in xs]
+    got = [None] * len(xs)
+    f = jax.jit(lambda xi: cpu_dots.rows_dot(xi, [w])[0])
+
+    def call(i):
+        for _ in range(20):
+            got[i] = np.asarray(f(xs[i]))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w_ in zip(got, want):
+        np.testing.assert_array_equal(g, w_)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attend_matches_attend_one_and_reads_no_further_than_length(dtype):
+    rng = np.random.default_rng(1)
+    B, H, S, D = 3, 4, 40, 32
+    q = jnp.asarray(2 * rng.standard_normal((B, H, D), dtype=np.float32), dtype)
+    k = jnp.asarray(rng.standard_normal((B, H, S, D), dtype=np.float32), dtype)
+    v = jnp.asarray(rng.standard_normal((B, H, S, D), dtype=np.float32), dtype)
+    valid = jnp.asarray(rng.random((B, S)) > 0.3).at[:, 0].set(True)
+    held = (bits(k), bits(v)) if dtype == jnp.bfloat16 else (k, v)  # as DecodeCache holds them
+    for n in (1, 17, S):
+        ref = attend_one(q, k, v, valid & (jnp.arange(S) < n)[None])
+        # Positions >= n hold NaN: reading any of them would show.
+        poison = (jnp.arange(S) >= n)[None, None, :, None]
+        kk, vv = (jnp.where(poison, bits(jnp.full_like(k, jnp.nan)), h) for h in held) if dtype == jnp.bfloat16 \
+            else (jnp.where(poison, jnp.nan, h) for h in held)
+        got = jax.jit(cpu_dots.attend)(q, kk, vv, valid, n)
+        assert got.shape == (B, H, D) and got.dtype == jnp.float32
+        tol = 1e-5 if dtype == jnp.float32 else 1e-2  # the reference is rounded to bfloat16
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+    # One mask row for every batch row (the self-attention case).
+    ref = attend_one(q, k, v, jnp.ones((1, S), bool))
+    got = cpu_dots.attend(q, *held, jnp.ones((1, S), bool), S)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref, np.float32), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
+def test_bad_operands_are_refused_with_a_message():
+    x = jnp.ones((2, 16))
+    with pytest.raises(ValueError, match=r"float32/bfloat16 \[N, 16\]"):
+        cpu_dots.rows_dot(x, [jnp.ones((4, 8))])
+    with pytest.raises(ValueError, match=r"float32/bfloat16"):
+        cpu_dots.rows_dot(x, [jnp.ones((4, 16), jnp.float16)])
+
+
+def test_no_compiler_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DALLE_MINI_JAX_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        cpu_dots.build(["/nonexistent/c++"])
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_dots.build(["c++", "-DDMJ_BROKEN=1", "-include", "/nonexistent.h"])
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left in the cache
+
+
+def test_decode_step_with_cpu_dots_matches_full_sequence():
+    """The sampler's threaded layout (dots and attention in cpu_dots): cached decoding
+    == teacher-forced decoding, as for the other layouts (test_transformer)."""
+    cfg = transformer_preset("tiny").replace(init_std=0.1)
+    model = randomize(DalleBart(cfg, rngs=nnx.Rngs(3)), seed=3)
+    ids, mask = text_batch(cfg, [cfg.text_len, 7, 2])
+    dec = image_batch(cfg, 3)
+    enc = model.encode(ids, mask)
+    full = model.decode(dec, enc, mask)
+    layers = split_decoder_layers(model, parts=1, threaded=True)
+    head = OutMajor((model.lm_head[...].T,), threaded=True)
+    cache = model.init_cache(enc, mask)
+    L = cfg.num_decoder_layers
+    cache = dataclasses.replace(cache, self_k=[cache.self_k[l] for l in range(L)],
+                                self_v=[cache.self_v[l] for l in range(L)])
+
+    @jax.jit
+    def run(cache):
+        def step(cache, pos):
+            logits, cache = model.decode_step(dec[:, pos], pos, cache, layers, head)
+            return cache, logits
+
+        _, steps = jax.lax.scan(step, cache, jnp.arange(cfg.image_len, dtype=jnp.int32))
+        return jnp.swapaxes(steps, 0, 1)
+
+    hlo = run.lower(cache).as_text()
+    assert cpu_dots.TARGET in hlo and cpu_dots.ATTEND_TARGET in hlo
+    err = rel_err(run(cache), full)
+    assert err < 1e-5, f"cached (cpu_dots) vs full: relative error {err:.2e}"
+
+
+def test_sampler_picks_cpu_dots_by_size_and_gives_the_same_images():
+    cfg = transformer_preset("tiny")
+    assert dot_layout(None, jnp.float32, step_bytes=10**9) == (1, True)
+    assert dot_layout(None, jnp.float32, step_bytes=10**6)[1] is False  # small: XLA's dots
+    assert dot_layout(None, jnp.float16, step_bytes=10**9)[1] is False  # no f16 kernel
+    model = DalleBart(cfg, rngs=nnx.Rngs(0))
+    ids, mask = (np.asarray(a) for a in text_batch(cfg, [9, 2]))
+    keys = image_keys(0, ["p", "p"], [0, 1])
+    settings = SamplingSettings(top_k=8, guidance=3.0)
+    tokens = []
+    for kernels in (False, True):
+        sampler = TokenSampler(model, cpu_kernels=kernels)
+        assert all(w.threaded == kernels for w in jax.tree.leaves(
+            sampler._layers, is_leaf=lambda x: isinstance(x, OutMajor)) if isinstance(w, OutMajor))
+        state = sampler.start(ids, mask, np.zeros(2, np.int32), 1)
+        tokens.append(np.asarray(sampler.run(state, keys, 0, cfg.image_len, settings).tokens))
+    np.testing.assert_array_equal(tokens[0], tokens[1])
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setattr(cpu_dots, "_state", {})
+    monkeypatch.setenv("DALLE_MINI_JAX_CPU_DOTS", "0")
+    assert not cpu_dots.available() and "DALLE_MINI_JAX_CPU_DOTS=0" in cpu_dots.reason()
+    assert dot_layout(None, jnp.float32, step_bytes=10**9)[1] is False
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu_dots.rows_dot(jnp.ones((2, 16)), [jnp.ones((4, 16))])
