@@ -397,7 +397,8 @@ ffi::Error Attend(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Any
     const uint8_t* mask = ok + (md[0] == 1 ? 0 : b * S);
     if (bf16)
       attend_row(qs + c * D, static_cast<const uint16_t*>(k.untyped_data()) + at,
-                 static_cast<const uint16_t*>(v.untyped_data()) + at, mask, n, D, true, os + c * D, w.data(), idx.data());
+                 static_cast<const uint16_t*>(v.untyped_data()) + at, mask, n, D, true, os + c * D, w.data(),
+                 idx.data());
     else
       attend_row(qs + c * D, static_cast<const float*>(k.untyped_data()) + at,
                  static_cast<const float*>(v.untyped_data()) + at, mask, n, D, false, os + c * D, w.data(), idx.data());

@@ -55,7 +55,8 @@ def _cpu_signature() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.machine() + platform.processor()
-    keep = [line for line in text.splitlines()[:40] if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    fields = ("model name", "flags", "Features")
+    keep = [line for line in text.splitlines()[:40] if line.split(":")[0].strip() in fields]
     return platform.machine() + "\n".join(keep)
 
 

@@ -675,7 +675,8 @@ class TokenSampler:
         self._text_table = text_table
         self._compiled: set[tuple] = set()  # signatures compiled ahead (`_compile_once`)
         self._table_dtype = model.enc_embed.tokens[...].dtype  # the rows as the device table would hold them
-        step_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.dec_layers, nnx.Param))) + model.lm_head[...].nbytes
+        decoder = jax.tree.leaves(nnx.state(model.dec_layers, nnx.Param))
+        step_bytes = sum(x.nbytes for x in decoder) + model.lm_head[...].nbytes
         parts, threaded = dot_layout(mesh, self._table_dtype, step_bytes, cpu_kernels)
         self._layers = split_decoder_layers(model, release_stacked=release_stacked, parts=parts, threaded=threaded)
         # lm_head likewise, when the sampler may take it over (else it would be held twice).

@@ -564,7 +564,7 @@ class DalleBart(nnx.Module):
         # all cores, reading only the cache positions written so far.
         on_cores = (per_layer and layers is not None and _threaded(layers[0])
                     and cpu_dots.attends(cfg.embed_dim // cfg.num_heads, self.dtype))
-        everywhere = jnp.ones((1, self_k[0].shape[2] if per_layer else 0), bool)
+        everywhere = jnp.ones((1, self_k[0].shape[2]), bool) if on_cores else None  # every position may be attended
         for l in range(cfg.num_decoder_layers):
 
             def attend(q, k, v, l=l):
@@ -581,7 +581,8 @@ class DalleBart(nnx.Module):
                     self_k = jax.lax.dynamic_update_slice(self_k, k[None], at)
                     self_v = jax.lax.dynamic_update_slice(self_v, v[None], at)
                 if on_cores:  # only the filled positions are read
-                    return cpu_dots.attend(q[:, 0], self_k[l], self_v[l], everywhere, position + 1).astype(q.dtype)[:, None]
+                    y = cpu_dots.attend(q[:, 0], self_k[l], self_v[l], everywhere, position + 1)
+                    return y.astype(q.dtype)[:, None]
                 return attend_cache(q[:, 0], unbits(self_k[l], self.dtype), unbits(self_v[l], self.dtype),
                                     position)[:, None]
 

@@ -93,8 +93,8 @@ def test_attend_matches_attend_one_and_reads_no_further_than_length(dtype):
     # One mask row for every batch row (the self-attention case).
     ref = attend_one(q, k, v, jnp.ones((1, S), bool))
     got = cpu_dots.attend(q, *held, jnp.ones((1, S), bool), S)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref, np.float32), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
-                               atol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref, np.float32), rtol=tol, atol=tol)
 
 
 def test_bad_operands_are_refused_with_a_message():
