@@ -55,12 +55,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from dalle_mini_jax import cpu_dots
-    from dalle_mini_jax.sampling import (HostTable, SamplingSettings, TokenSampler, image_keys, kernel_parts,
-                                         split_decoder_layers)
+    from dalle_mini_jax.sampling import (HostTable, SamplingSettings, TokenSampler, _unstack, image_keys,
+                                         kernel_parts, split_decoder_layers)
     from dalle_mini_jax.transformer import DalleBart, OutMajor
 
     model = DalleBart.from_pretrained(args.model_dir, dtype=args.dtype)
@@ -92,8 +91,7 @@ def main(argv=None) -> int:
         if not split:
             held.append((name, layers, None, None))
             continue
-        e = [lm.shape[1] * i // parts for i in range(parts + 1)]
-        head = OutMajor(tuple(lm[:, e[i]:e[i + 1]].T for i in range(parts)), threaded)
+        head = OutMajor(_unstack(lm[None], parts)[0], threaded)  # as `split_head` cuts it
         held.append((name + " + head", layers, head, None))
         held.append((name + " + head + host table", layers, head, host))
     results: dict[int, list[tuple[str, float, list[float]]]] = {n: [] for n in args.images}

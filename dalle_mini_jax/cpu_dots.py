@@ -98,8 +98,8 @@ def build(compiler: Sequence[str] | None = None) -> Path:
     return out
 
 
-def threads() -> int:
-    """Threads a dot runs on: the cores this process may use."""
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (the threads a product is split over)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -140,7 +140,7 @@ def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None
     Args:
       x: [M, K], cast to float32 (M small: every row is multiplied by every block of W).
       weights: [N_i, K] float32 or bfloat16 arrays ("out-major", `OutMajor`'s layout).
-      num_threads: threads to split each product over (default `threads()`).
+      num_threads: threads to split each product over (default `cpu_cores()`).
 
     Returns:
       one float32 [M, N_i] per weight; the same products as
@@ -155,7 +155,7 @@ def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None
             raise ValueError(f"rows_dot: weights must be float32/bfloat16 [N, {k}], got {w.dtype} {w.shape}")
     outs = tuple(jax.ShapeDtypeStruct((m, w.shape[0]), jnp.float32) for w in weights)
     call = jax.ffi.ffi_call(TARGET, outs, vmap_method="sequential")
-    return tuple(call(x, *weights, threads=np.int64(num_threads or threads())))
+    return tuple(call(x, *weights, threads=np.int64(num_threads or cpu_cores())))
 
 
 @functools.cache
@@ -191,4 +191,4 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, length: j
     q = jnp.asarray(q, jnp.float32)
     call = jax.ffi.ffi_call(ATTEND_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     return call(q, k, v, jnp.asarray(valid, bool), jnp.asarray(length, jnp.int32),
-                threads=np.int64(num_threads or threads()))
+                threads=np.int64(num_threads or cpu_cores()))

@@ -47,7 +47,6 @@ import enum
 import functools
 import numbers
 import itertools
-import os
 import weakref
 import zlib
 from typing import Any, Sequence
@@ -58,6 +57,7 @@ import numpy as np
 from flax import nnx
 
 from . import cpu_dots
+from .cpu_dots import cpu_cores
 from .host_memory import compile_then_trim
 from .sharding import activate, constrain
 from .transformer import CACHE_AXES, DalleBart, DecodeCache, OutMajor, TableBits, host_rows
@@ -476,11 +476,6 @@ def _unstack(x: jax.Array, parts: int = 0) -> tuple:
         return tuple(x[l] for l in range(x.shape[0]))
     e = [x.shape[2] * i // parts for i in range(parts + 1)]
     return tuple(tuple(x[l, :, e[i]:e[i + 1]].T for i in range(parts)) for l in range(x.shape[0]))
-
-
-def cpu_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # Below this many bytes of decoder weights read per step, the sampler keeps XLA's dots:

@@ -194,15 +194,14 @@ def _dense(spec: str, x: jax.Array, w: jax.Array | OutMajor) -> jax.Array:
 
 def _dense_f32(spec: str, x: jax.Array, w: jax.Array | OutMajor) -> jax.Array:
     """`_dense` with its float32 result (logits stay float32)."""
-    if isinstance(w, OutMajor) and w.threaded:
-        rows = x.reshape(-1, x.shape[-1])
-        y = jnp.concatenate(cpu_dots.rows_dot(rows, w.parts), axis=-1)
-        return y.reshape(x.shape[:-1] + (y.shape[-1],))
     if isinstance(w, OutMajor):
         rows = x.reshape(-1, x.shape[-1])
-        y = jnp.concatenate([jnp.einsum("ok,mk->om", t.astype(x.dtype), rows, preferred_element_type=jnp.float32)
-                             for t in w.parts])
-        return y.T.reshape(x.shape[:-1] + (y.shape[0],))
+        if w.threaded:
+            y = jnp.concatenate(cpu_dots.rows_dot(rows, w.parts), axis=-1)
+        else:
+            y = jnp.concatenate([jnp.einsum("ok,mk->om", t.astype(x.dtype), rows, preferred_element_type=jnp.float32)
+                                 for t in w.parts]).T
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
