@@ -1,6 +1,6 @@
 """Where a decode step's time goes: XLA:CPU's per-op times in the sampler's decode loop.
 
-    python benchmarks/decode_profile.py DIR [--images 1] [--dtype float32] [--steps 32] [--top 25]
+    python benchmarks/decode_profile.py DIR [--images 1] [--dtype float32] [--steps 32] [--begin 4] [--top 25]
 
 DIR is a model directory (e.g. W/mini-model from `python benchmarks/generate.py --preset
 mini --only ours1 --runs 1 --workdir W`). Loads it as a pipeline, runs `--steps` guided
@@ -29,10 +29,11 @@ if str(REPO) not in sys.path:
 def op_table(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     """{instruction name: (output shape, opcode, source op name)} of a compiled program."""
     info = {}
-    for m in re.finditer(r"^\s+%(\S+) = (\S+) (\S+?)\((.*)$", hlo_text, re.M):
+    # A shape is one array type, or a tuple of them in parentheses (a call with several results).
+    for m in re.finditer(r"^\s+%(\S+) = (\([^)]*\)|\S+) (\S+?)\((.*)$", hlo_text, re.M):
         name, shape, op, rest = m.groups()
         src = re.search(r'op_name="([^"]+)"', rest)
-        info[name] = (shape.split("{")[0], op, src.group(1).split("/")[-1] if src else "")
+        info[name] = (re.sub(r"\{[^}]*\}", "", shape), op, src.group(1).split("/")[-1] if src else "")
     return info
 
 
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--begin", type=int, default=4,
+                   help="first position profiled (>= 1; the steps before it run unprofiled): a step's "
+                        "attention reads the cache up to its position")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
 
@@ -57,13 +61,15 @@ def main(argv=None) -> int:
     settings = SamplingSettings(top_k=50, guidance=10.0)
     batch = pipe._plan(["a red square"], n, 1, 1.0, 50, None, 10.0, n)[2][0]
     state, keys = pipe._start(batch, settings)
-    state = pipe.sampler.run(state, keys, 0, 4, settings)  # compiles and warms up
+    if not 1 <= args.begin <= pipe.config.image_len - args.steps:
+        p.error(f"--begin must be in 1..{pipe.config.image_len - args.steps} (image_len - --steps)")
+    state = pipe.sampler.run(state, keys, 0, args.begin, settings)  # compiles and warms up
     jax.block_until_ready(state)
     hlo = pipe.sampler.lower_run(state, keys, 0, pipe.config.image_len, settings).compile().as_text()
 
     session = _profiler.ProfilerSession(_profiler.ProfileOptions())
     t = time.perf_counter()
-    state = pipe.sampler.run(state, keys, 4, 4 + args.steps, settings)
+    state = pipe.sampler.run(state, keys, args.begin, args.begin + args.steps, settings)
     state.tokens.block_until_ready()
     wall_ms = (time.perf_counter() - t) / args.steps * 1e3
     data = jax_profiler.ProfileData.from_serialized_xspace(session.stop())
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
                     kind = op if op != "fusion" else re.sub(r"[._]?\d+$", "", ev.name)
                     spent[(kind, src, shape)] += ev.duration_ns
     total = sum(spent.values()) / 1e6 / args.steps
-    print(f"{args.model_dir} {args.dtype}, {n} image(s), {args.steps} steps: {wall_ms:.1f} ms a step (wall, "
+    print(f"{args.model_dir} {args.dtype}, {n} image(s), {args.steps} steps from position {args.begin}: {wall_ms:.1f} ms a step (wall, "
           f"profiled); ops {total:.1f} ms a step summed over the threads")
     for (kind, src, shape), ns in spent.most_common(args.top):
         print(f"  {ns / 1e6 / args.steps:7.2f} ms  {kind:<28} {src:<22} {shape}")

@@ -24,7 +24,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include <unistd.h>
@@ -156,58 +158,146 @@ inline void relax() {
 #endif
 }
 
+// What the workers may read ahead of a job (into their caches): the last rows of its
+// last weight, the chunks they take first (workers claim chunks from the back).
+struct Ahead {
+  const char* data = nullptr;  // the last weight's first byte; nullptr: nothing to read
+  int64_t rows = 0;            // the job's chunks cover rows [0, rows) of all its weights
+  int64_t last_rows = 0;       // rows of the last weight (the last of those rows)
+  int64_t row_bytes = 0;
+};
+
+// Bytes a worker reads ahead of a job at most: half its core's L2 (the job's own
+// stream passes through the rest).
+int64_t ahead_bytes() {
+  static const int64_t bytes = [] {
+    long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return int64_t(l2 > 0 ? l2 / 2 : 256 * 1024);
+  }();
+  return bytes;
+}
+
 // A pool of T - 1 workers that help the calling thread through a job's chunks.
 //
-// Chunks are taken from a shared counter, so the caller never waits for a worker that
-// the OS has not scheduled yet: it does the work itself (with 2 cores, XLA's own
-// threads compete with ours). After a job the workers keep watching for the next one
-// for kSpin (the next dot of a decode step follows within microseconds), yielding
-// the core to any other runnable thread, then sleep: an idle pipeline costs no CPU.
+// The caller takes chunks from the front, the workers from the back (one atomic pair),
+// so the caller never waits for a worker that the OS has not scheduled yet: it does
+// the work itself (with 2 cores, XLA's own threads compete with ours). After a job the
+// workers keep watching for the next one for kSpin (the next dot of a decode step
+// follows within microseconds), yielding the core to any other runnable thread, then
+// sleep: an idle pipeline costs no CPU.
+//
+// Reading ahead: between two products of a decode step XLA runs small ops (norms,
+// attention, sampling) for tens of microseconds on one core while the memory is idle.
+// The pool learns which job follows which (keyed by the first weight's address: a
+// decode loop multiplies the same buffers in the same order every step) and, while
+// waiting, each worker prefetches into its L2 the rows of the predicted next job that
+// it will take first. A wrong guess costs only the prefetch (which never faults).
+//
 // One job at a time: concurrent calls (XLA may start independent dots together) take
 // turns, each using every thread.
 class Pool {
  public:
   explicit Pool(int threads) : threads_(threads) {
-    for (int t = 1; t < threads_; ++t) std::thread([this] { Work(); }).detach();
+    for (int t = 1; t < threads_; ++t) std::thread([this, t] { Work(t); }).detach();
   }
   int threads() const { return threads_; }
 
   // Calls f(c) for c in [0, chunks), on this thread and the workers; returns when all
-  // are done and no worker touches f any more.
+  // are done and no worker touches f any more. `key` names the job (for learning
+  // which job follows it), `self` what may be read ahead of it.
   template <typename F>
-  void Run(const F& f, int64_t chunks) {
+  void Run(const F& f, int64_t chunks, const void* key, const Ahead& self) {
     std::lock_guard<std::mutex> one_job(submit_);
     job_ = [](const void* fn, int64_t c) { (*static_cast<const F*>(fn))(c); };
     fn_ = &f;
     chunks_ = chunks;
-    next_.store(0);
+    ends_.store(uint64_t(chunks) << 32);  // front 0, back `chunks`
     done_.store(0);
     {
       std::lock_guard<std::mutex> lock(mu_);
       generation_.fetch_add(1);  // odd: a job is open
     }
     if (sleepers_.load()) cv_.notify_all();
-    Help();
+    Help(true);
     while (done_.load() < chunks_) relax();
     generation_.fetch_add(1);  // even: closed; a worker that joins now leaves at once
     while (active_.load()) relax();
+    Learn(key, self);
   }
 
  private:
-  void Help() {
-    for (int64_t c; (c = next_.fetch_add(1)) < chunks_;) {
+  // Takes the next chunk from the front (the caller) or the back (workers).
+  bool Claim(bool front, int64_t* c) {
+    uint64_t e = ends_.load();
+    for (;;) {
+      const uint64_t lo = e & 0xffffffffu, hi = e >> 32;
+      if (lo >= hi) return false;
+      if (ends_.compare_exchange_weak(e, front ? e + 1 : e - (uint64_t(1) << 32))) {
+        *c = int64_t(front ? lo : hi - 1);
+        return true;
+      }
+    }
+  }
+
+  void Help(bool front) {
+    for (int64_t c; Claim(front, &c);) {
       job_(fn_, c);
       done_.fetch_add(1);
     }
   }
 
-  void Work() {
-    uint64_t seen = 0;
+  // Called by the caller, one job at a time: `self` follows the previous job; publish
+  // what is known to follow this one.
+  void Learn(const void* key, const Ahead& self) {
+    if (previous_ != nullptr) {
+      if (follows_.size() > 4096) follows_.clear();  // many models in one process: start over
+      follows_[previous_] = self;
+    }
+    previous_ = key;
+    auto it = follows_.find(key);
+    std::lock_guard<std::mutex> lock(ahead_mu_);
+    ahead_ = it == follows_.end() ? Ahead{} : it->second;
+    ahead_seq_.fetch_add(1);
+  }
+
+  // Worker `index`'s share of the predicted job's tail into its cache, until a job
+  // opens or the budget is spent.
+  void ReadAhead(int index) {
+    const uint64_t closed = generation_.load();
+    if (closed % 2) return;  // a job is open already: join it
+    Ahead a;
+    {
+      std::lock_guard<std::mutex> lock(ahead_mu_);
+      a = ahead_;
+    }
+    if (a.data == nullptr) return;
+    const int64_t chunks = (a.rows + kChunk - 1) / kChunk, base = a.rows - a.last_rows;
+    int64_t budget = ahead_bytes(), lines = 0;
+    for (int64_t c = chunks - index; c >= 0 && budget > 0; c -= threads_ - 1) {
+      const int64_t r0 = std::max(c * kChunk, base), r1 = std::min(c * kChunk + kChunk, a.rows);
+      if (r0 >= r1) break;  // before the last weight
+      const char* p = a.data + (r0 - base) * a.row_bytes;
+      const char* end = a.data + (r1 - base) * a.row_bytes;
+      for (; p < end; p += 64) {
+        __builtin_prefetch(p, 0, 2);
+        if (++lines % 16 == 0 && generation_.load() != closed) return;
+      }
+      budget -= (r1 - r0) * a.row_bytes;
+    }
+  }
+
+  void Work(int index) {
+    uint64_t seen = 0, ahead_seen = 0;
     for (;;) {
       uint64_t g = generation_.load();
-      const auto since = std::chrono::steady_clock::now();
+      auto since = std::chrono::steady_clock::now();
       for (int i = 1; g == seen || g % 2 == 0; ++i) {
-        if (i < kPureSpins) {
+        const uint64_t predicted = ahead_seq_.load();
+        if (predicted != ahead_seen) {
+          ahead_seen = predicted;
+          ReadAhead(index);
+          since = std::chrono::steady_clock::now();
+        } else if (i < kPureSpins) {
           relax();
         } else {
           std::this_thread::yield();  // let XLA's threads have this core
@@ -225,20 +315,24 @@ class Pool {
       }
       seen = g;
       active_.fetch_add(1);
-      if (generation_.load() == g) Help();  // still open: the caller waits for active_
+      if (generation_.load() == g) Help(false);  // still open: the caller waits for active_
       active_.fetch_sub(1);
     }
   }
 
   const int threads_;
-  std::mutex submit_, mu_;
+  std::mutex submit_, mu_, ahead_mu_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_{0}, done_{0};
+  std::atomic<uint64_t> generation_{0}, ends_{0}, ahead_seq_{0};
+  std::atomic<int64_t> done_{0};
   std::atomic<int> active_{0}, sleepers_{0};
   int64_t chunks_ = 0;
   void (*job_)(const void*, int64_t) = nullptr;
   const void* fn_ = nullptr;
+  // Learned under submit_: the job that followed each job, and the last job's key.
+  std::unordered_map<const void*, Ahead> follows_;
+  const void* previous_ = nullptr;
+  Ahead ahead_;  // under ahead_mu_: what follows the last job
 };
 
 // One pool per process, never destroyed (its detached workers outlive static
@@ -255,7 +349,55 @@ Pool* pool(int threads) {
   return current;
 }
 
-ffi::Error RowsDot(ffi::AnyBuffer x, ffi::RemainingArgs weights, ffi::RemainingRets outs, int64_t threads) {
+// y_i = x W_i^T for all the weights, split over `threads` threads.
+void run_rows(const std::vector<Weight>& ws, const float* x, int64_t M, int64_t K, int64_t threads) {
+  int64_t rows = 0;
+  for (const Weight& w : ws) rows += w.n;
+  const int64_t chunks = (rows + kChunk - 1) / kChunk;
+  auto f = [&](int64_t c) { chunk(ws, x, M, K, c); };
+  if (threads <= 1 || chunks == 1) {
+    for (int64_t c = 0; c < chunks; ++c) f(c);
+    return;
+  }
+  const Weight& last = ws.back();
+  const Ahead self{static_cast<const char*>(last.data), rows, last.n, K * (last.bf16 ? 2 : 4)};
+  pool(int(threads))->Run(f, chunks, ws.front().data, self);
+}
+
+// ---- An optional LayerNorm of x before its products --------------------------------
+//
+// The decode step's pre-norms (before q/k/v, the cross-attention's q, the GLU, and the
+// GLU's mid-norm before its last product) run here instead of as ~5 small XLA ops
+// each (~14 us a norm, 48 of them a DALL-E Mini step).
+
+// x [M, K] normalized over K as `transformer.layer_norm` (float32): (x - mean) /
+// sqrt(var + eps) * scale + bias, or x itself when `bias` is empty. `scale` may be
+// empty (a bias-only norm). The result lives in a thread-local buffer.
+ffi::Error normalize(const float*& x, int64_t M, int64_t K, ffi::AnyBuffer bias, ffi::AnyBuffer scale, float eps) {
+  if (bias.element_count() == 0) return ffi::Error::Success();
+  if (bias.element_type() != ffi::DataType::F32 || bias.element_count() != size_t(K) ||
+      scale.element_type() != ffi::DataType::F32 || (scale.element_count() != 0 && scale.element_count() != size_t(K)))
+    return ffi::Error::InvalidArgument("cpu_dots: the norm's bias and scale must be float32 [K] (scale may be [0])");
+  thread_local std::vector<float> buf;
+  buf.resize(M * K);
+  const float* b = static_cast<const float*>(bias.untyped_data());
+  const float* g = scale.element_count() ? static_cast<const float*>(scale.untyped_data()) : nullptr;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    float* ym = buf.data() + m * K;
+    float mean = 0.f, var = 0.f;
+    for (int64_t k = 0; k < K; ++k) mean += xm[k];
+    mean /= float(K);
+    for (int64_t k = 0; k < K; ++k) var += (xm[k] - mean) * (xm[k] - mean);
+    const float inv = 1.0f / std::sqrt(var / float(K) + eps);
+    for (int64_t k = 0; k < K; ++k) ym[k] = (xm[k] - mean) * inv * (g ? g[k] : 1.0f) + b[k];
+  }
+  x = buf.data();
+  return ffi::Error::Success();
+}
+
+ffi::Error RowsDot(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer norm_scale, ffi::RemainingArgs weights,
+                   ffi::RemainingRets outs, float eps, int64_t threads) {
   if (x.element_type() != ffi::DataType::F32 || x.dimensions().size() != 2)
     return ffi::Error::InvalidArgument("cpu_dots: x must be float32 [M, K]");
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
@@ -276,14 +418,76 @@ ffi::Error RowsDot(ffi::AnyBuffer x, ffi::RemainingArgs weights, ffi::RemainingR
     ws.push_back(Weight{w->untyped_data(), dt == ffi::DataType::BF16, static_cast<float*>((*y)->untyped_data()), N});
   }
   const float* xs = static_cast<const float*>(x.untyped_data());
-  int64_t rows = 0;
-  for (const Weight& w : ws) rows += w.n;
-  const int64_t chunks = (rows + kChunk - 1) / kChunk;
-  auto f = [&](int64_t c) { chunk(ws, xs, M, K, c); };
-  if (threads <= 1 || chunks == 1) {
-    for (int64_t c = 0; c < chunks; ++c) f(c);
-  } else {
-    pool(int(threads))->Run(f, chunks);
+  if (ffi::Error e = normalize(xs, M, K, norm_bias, norm_scale, eps); e.failure()) return e;
+  run_rows(ws, xs, M, K, threads);
+  return ffi::Error::Success();
+}
+
+// ---- The GLU of a decode step: gelu(x Wg^T) * (x Wv^T) -------------------------------
+
+// erf(x) for float32: Eigen's rational approximation (what XLA:CPU uses), |error| <
+// 5e-7 on [-4, 4], +-1 beyond.
+inline vf erf(vf x) {
+  const vf hi = vf{} + 4.0f, lo = vf{} - 4.0f;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const vf x2 = x * x;
+  vf p = vf{} - 2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f;
+  p = p * x2 - 5.69250639462346e-05f;
+  p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f;
+  p = p * x2 - 1.60960333262415e-02f;
+  vf q = vf{} - 1.45660718464996e-05f;
+  q = q * x2 - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f;
+  q = q * x2 - 7.37332916720468e-03f;
+  q = q * x2 - 1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// out [M, N] = gelu(x Wg^T) * (x Wv^T), gelu exact (erf); Wg, Wv [N, K] f32 or bf16.
+// One job for both products (the pool splits their rows together), then the GLU on
+// the caller: XLA:CPU spent ~60 us a layer on this small elementwise step.
+ffi::Error GeluGlu(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer norm_scale, ffi::AnyBuffer wg,
+                   ffi::AnyBuffer wv, ffi::Result<ffi::AnyBuffer> out, float eps, int64_t threads) {
+  if (x.element_type() != ffi::DataType::F32 || x.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("cpu_dots glu: x must be float32 [M, K]");
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  std::vector<Weight> ws;
+  for (const ffi::AnyBuffer* w : {&wg, &wv}) {
+    const auto dt = w->element_type();
+    if ((dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) || w->dimensions().size() != 2 ||
+        w->dimensions()[1] != K || w->dimensions()[0] != wg.dimensions()[0])
+      return ffi::Error::InvalidArgument("cpu_dots glu: gate and value must be float32 or bfloat16 [N, K]");
+    ws.push_back(Weight{w->untyped_data(), dt == ffi::DataType::BF16, nullptr, w->dimensions()[0]});
+  }
+  const int64_t N = ws[0].n, size = M * N;
+  if (out->element_type() != ffi::DataType::F32 || out->element_count() != size_t(size))
+    return ffi::Error::InvalidArgument("cpu_dots glu: the result must be float32 [M, N]");
+  thread_local std::vector<float> scratch;
+  scratch.resize(2 * size);
+  ws[0].y = scratch.data();
+  ws[1].y = scratch.data() + size;
+  const float* xs = static_cast<const float*>(x.untyped_data());
+  if (ffi::Error e = normalize(xs, M, K, norm_bias, norm_scale, eps); e.failure()) return e;
+  run_rows(ws, xs, M, K, threads);
+  float* o = static_cast<float*>(out->untyped_data());
+  const float* g = ws[0].y;
+  const float* v = ws[1].y;
+  int64_t i = 0;
+  for (; i + kLanes <= size; i += kLanes) {
+    const vf gi = load(g + i);
+    const vf y = 0.5f * gi * (1.0f + erf(gi * 0.707106781f)) * load(v + i);  // x / sqrt(2)
+    std::memcpy(o + i, &y, sizeof(y));
+  }
+  if (i < size) {  // the last few, as one zero-padded vector: the same maths as the rest
+    vf gi{}, vi{};
+    std::memcpy(&gi, g + i, (size - i) * sizeof(float));
+    std::memcpy(&vi, v + i, (size - i) * sizeof(float));
+    const vf y = 0.5f * gi * (1.0f + erf(gi * 0.707106781f)) * vi;
+    std::memcpy(o + i, &y, (size - i) * sizeof(float));
   }
   return ffi::Error::Success();
 }
@@ -406,7 +610,69 @@ ffi::Error Attend(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Any
   if (threads <= 1) {
     for (int64_t c = 0; c < B * H; ++c) f(c);
   } else {
-    pool(int(threads))->Run(f, B * H);
+    pool(int(threads))->Run(f, B * H, k.untyped_data(), Ahead{});
+  }
+  return ffi::Error::Success();
+}
+
+// ---- Rows of a token table left on the host (a memory map of the checkpoint) ----------
+//
+// `sampling.HostTable`: a decode step reads one row of the decoder's token table per
+// image. A Python callback (`jax.pure_callback`) cost ~1.2 ms a step of DALL-E Mini;
+// this reads the registered table's rows directly. Rows are rounded to the model's
+// dtype and widened to float32, as `transformer.host_rows` does.
+
+enum Kind : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };  // a table's dtype, the dtype rows are rounded to
+
+struct Table {
+  const void* data;  // [rows, dim] of `src`, kept alive by the registering process
+  int64_t rows, dim;
+  Kind src, round;
+};
+
+std::mutex tables_mu;
+std::unordered_map<int32_t, Table> tables;
+
+inline float widen(const void* data, Kind src, int64_t i) {
+  switch (src) {
+    case kBF16: return scalar(static_cast<const uint16_t*>(data)[i]);
+#ifdef __FLT16_MAX__
+    case kF16: return float(static_cast<const _Float16*>(data)[i]);
+#endif
+    default: return static_cast<const float*>(data)[i];
+  }
+}
+
+inline float round_to(float f, Kind round) {  // to the nearest of `round`, ties to even
+  switch (round) {
+    case kBF16: return std::isnan(f) ? f : round_bf16(f);
+#ifdef __FLT16_MAX__
+    case kF16: return float(_Float16(f));
+#endif
+    default: return f;
+  }
+}
+
+ffi::Error TableRows(ffi::Buffer<ffi::S32> key, ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  Table t;
+  {
+    std::lock_guard<std::mutex> lock(tables_mu);
+    auto it = tables.find(key.typed_data()[0]);
+    if (it == tables.end())
+      return ffi::Error::InvalidArgument("cpu_dots table rows: no host table registered under key " +
+                                         std::to_string(key.typed_data()[0]));
+    t = it->second;
+  }
+  const int64_t B = ids.element_count();
+  if (out->element_count() != size_t(B * t.dim))
+    return ffi::Error::InvalidArgument("cpu_dots table rows: the result must be float32 [B, dim]");
+  float* o = out->typed_data();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = ids.typed_data()[b];
+    if (row < 0 || row >= t.rows)
+      return ffi::Error::InvalidArgument("cpu_dots table rows: token id " + std::to_string(row) +
+                                         " outside the table's " + std::to_string(t.rows) + " rows");
+    for (int64_t j = 0; j < t.dim; ++j) o[b * t.dim + j] = round_to(widen(t.data, t.src, row * t.dim + j), t.round);
   }
   return ffi::Error::Success();
 }
@@ -423,9 +689,47 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DmjAttend, Attend,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("threads"));
 
+// Lets TableRows read `data` ([rows, dim] of dtype `src`) under `key`, rounded to
+// `round`. Returns 0 (nothing registered) for a dtype this build cannot convert.
+extern "C" int DmjTableRegister(int32_t key, const void* data, int64_t rows, int64_t dim, int32_t src,
+                                int32_t round) {
+#ifndef __FLT16_MAX__
+  if (src == kF16 || round == kF16) return 0;
+#endif
+  if (src < kF32 || src > kF16 || round < kF32 || round > kF16) return 0;
+  std::lock_guard<std::mutex> lock(tables_mu);
+  tables[key] = Table{data, rows, dim, Kind(src), Kind(round)};
+  return 1;
+}
+
+extern "C" void DmjTableUnregister(int32_t key) {
+  std::lock_guard<std::mutex> lock(tables_mu);
+  tables.erase(key);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DmjTableRows, TableRows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DmjGeluGlu, GeluGlu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // norm_bias
+                                  .Arg<ffi::AnyBuffer>()  // norm_scale
+                                  .Arg<ffi::AnyBuffer>()  // gate
+                                  .Arg<ffi::AnyBuffer>()  // value
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("threads"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DmjRowsDot, RowsDot,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .RemainingArgs()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // norm_bias
+                                  .Arg<ffi::AnyBuffer>()  // norm_scale
+                                  .RemainingArgs()        // the weights
                                   .RemainingRets()
+                                  .Attr<float>("eps")
                                   .Attr<int64_t>("threads"));

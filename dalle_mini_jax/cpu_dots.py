@@ -9,6 +9,14 @@ calls a small C++ kernel (through XLA's FFI) that splits every dot's rows of W o
 pool of threads that spin between calls, so all cores read weights for the whole of
 every dot. `python benchmarks/decode_step.py DIR` compares it with XLA's dots.
 
+Also there, for the same decode step: `attend` (attention over the positions of the
+cache written so far), `gelu_glu` (a GLU's gate and value products and gelu(gate) *
+value in one call) and `table_rows` (a token table left on the host, read by compiled
+code instead of a Python callback). While XLA runs the small ops between two products,
+the pool's idle workers prefetch into their caches the rows they will take of the
+product it expects next (it learns the order of the products from the first step; see
+`Pool` in cpu_dots.cc).
+
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else
 `c++`; `-O3 -march=native`, against the FFI headers jaxlib ships) into a cache
 directory (`$DALLE_MINI_JAX_CACHE`, else `~/.cache/dalle_mini_jax`), keyed by the
@@ -38,6 +46,8 @@ import numpy as np
 SOURCE = Path(__file__).with_name("cpu_dots.cc")
 TARGET = "dalle_mini_jax_rows_dot"
 ATTEND_TARGET = "dalle_mini_jax_attend"
+GLU_TARGET = "dalle_mini_jax_gelu_glu"
+TABLE_TARGET = "dalle_mini_jax_table_rows"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 _state: dict = {}
@@ -131,16 +141,41 @@ def _load() -> tuple[bool, str]:
         return False, f"the CPU dot kernel could not be built: {e}"
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DmjRowsDot), platform="cpu")
     jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.DmjAttend), platform="cpu")
+    jax.ffi.register_ffi_target(GLU_TARGET, jax.ffi.pycapsule(lib.DmjGeluGlu), platform="cpu")
+    jax.ffi.register_ffi_target(TABLE_TARGET, jax.ffi.pycapsule(lib.DmjTableRows), platform="cpu")
+    lib.DmjTableRegister.restype = ctypes.c_int
+    lib.DmjTableRegister.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_int32, ctypes.c_int32]
+    lib.DmjTableUnregister.argtypes = [ctypes.c_int32]
+    _state["lib"] = lib
     return True, ""
 
 
-def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None = None) -> tuple[jax.Array, ...]:
+Norm = tuple  # (bias [K], scale [K] or None): a LayerNorm's float32 weights
+
+
+def _norm_operands(norm: Norm | None, k: int, eps: float) -> tuple[jax.Array, jax.Array, dict]:
+    """The kernel's (bias, scale) operands and eps attribute; empty arrays: no norm."""
+    if norm is None:
+        return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32), dict(eps=np.float32(0))
+    bias, scale = norm
+    for name, a in (("bias", bias), ("scale", scale)):
+        if a is not None and (a.shape != (k,) or a.dtype != jnp.float32):
+            raise ValueError(f"the norm's {name} must be float32 [{k}], got {a.dtype} {a.shape}")
+    scale = jnp.zeros((0,), jnp.float32) if scale is None else scale
+    return bias, scale, dict(eps=np.float32(eps))
+
+
+def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None = None,
+             norm: Norm | None = None, eps: float = 1e-5) -> tuple[jax.Array, ...]:
     """x @ W_i^T for each weight, on all cores: float32 [M, K] x [N_i, K] -> [M, N_i].
 
     Args:
       x: [M, K], cast to float32 (M small: every row is multiplied by every block of W).
       weights: [N_i, K] float32 or bfloat16 arrays ("out-major", `OutMajor`'s layout).
       num_threads: threads to split each product over (default `cpu_cores()`).
+      norm: optional (bias, scale or None), float32 [K]: x is first LayerNormed over K
+        with them and `eps`, as `transformer.layer_norm` does in float32.
 
     Returns:
       one float32 [M, N_i] per weight; the same products as
@@ -153,9 +188,76 @@ def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None
     for w in weights:
         if w.ndim != 2 or w.shape[1] != k or w.dtype not in (jnp.float32, jnp.bfloat16):
             raise ValueError(f"rows_dot: weights must be float32/bfloat16 [N, {k}], got {w.dtype} {w.shape}")
+    bias, scale, attrs = _norm_operands(norm, k, eps)
     outs = tuple(jax.ShapeDtypeStruct((m, w.shape[0]), jnp.float32) for w in weights)
     call = jax.ffi.ffi_call(TARGET, outs, vmap_method="sequential")
-    return tuple(call(x, *weights, threads=np.int64(num_threads or cpu_cores())))
+    return tuple(call(x, bias, scale, *weights, threads=np.int64(num_threads or cpu_cores()), **attrs))
+
+
+def gelu_glu(x: jax.Array, gate: jax.Array, value: jax.Array, num_threads: int | None = None,
+             norm: Norm | None = None, eps: float = 1e-5) -> jax.Array:
+    """gelu(x @ gate^T) * (x @ value^T), gelu exact (erf), on all cores: a GLU's first half.
+
+    Args:
+      x: [M, K], cast to float32.
+      gate, value: [N, K] float32 or bfloat16 ("out-major").
+      num_threads, norm, eps: as for `rows_dot`.
+
+    Returns:
+      [M, N] float32. One job for both products (their rows split over the threads
+      together), the GLU on the calling thread; erf is Eigen's rational approximation
+      (as XLA:CPU's), so the values match `jax.nn.gelu(g, approximate=False) * v` to
+      ~1e-6 absolute (tested) on top of the products' summation order.
+    """
+    if not available():
+        raise RuntimeError(f"cpu_dots.gelu_glu is not available: {reason()}")
+    x = jnp.asarray(x, jnp.float32)
+    for w in (gate, value):
+        if w.ndim != 2 or w.shape != gate.shape or w.shape[1] != x.shape[1] or not supports(w.dtype):
+            raise ValueError(f"gelu_glu: gate and value must be float32/bfloat16 [N, {x.shape[1]}] alike, "
+                             f"got {gate.dtype} {gate.shape} and {value.dtype} {value.shape}")
+    bias, scale, attrs = _norm_operands(norm, x.shape[1], eps)
+    out = jax.ShapeDtypeStruct((x.shape[0], gate.shape[0]), jnp.float32)
+    call = jax.ffi.ffi_call(GLU_TARGET, out, vmap_method="sequential")
+    return call(x, bias, scale, gate, value, threads=np.int64(num_threads or cpu_cores()), **attrs)
+
+
+def _kind(dtype) -> int | None:
+    """A dtype's code in cpu_dots.cc's `Kind` (None: not one the table reader converts)."""
+    names = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return names.index(jnp.dtype(dtype)) if jnp.dtype(dtype) in names else None
+
+
+def register_table(key: int, table: np.ndarray, dtype) -> bool:
+    """Let `table_rows(key, ...)` read `table`'s rows, rounded to `dtype`, in compiled code.
+
+    The caller keeps `table` alive (and its memory where it is) until
+    `unregister_table(key)`. Returns False, registering nothing, when the kernel is not
+    available or it cannot read this table (a dtype other than float32, bfloat16,
+    float16; not C-contiguous): read it some other way then (`sampling.HostTable`).
+    """
+    src, rnd = _kind(table.dtype), _kind(dtype)
+    if src is None or rnd is None or table.ndim != 2 or not table.flags.c_contiguous or not available():
+        return False
+    return bool(_state["lib"].DmjTableRegister(key, table.ctypes.data, table.shape[0], table.shape[1], src, rnd))
+
+
+def unregister_table(key: int) -> None:
+    """Forget `register_table(key, ...)`'s table (a later `table_rows` call with it fails)."""
+    if "lib" in _state:
+        _state["lib"].DmjTableUnregister(key)
+
+
+def table_rows(key: jax.Array | int, ids: jax.Array, dim: int) -> jax.Array:
+    """[B] int token ids -> [B, dim] float32 rows of the table registered under `key`
+    (`register_table`), rounded to its dtype, as `transformer.host_rows` gives them.
+
+    An id outside the table, or a key with no table, fails the computation with a
+    message naming it.
+    """
+    out = jax.ShapeDtypeStruct((ids.shape[0], dim), jnp.float32)
+    call = jax.ffi.ffi_call(TABLE_TARGET, out, vmap_method="sequential")
+    return call(jnp.asarray(key, jnp.int32), jnp.asarray(ids, jnp.int32))
 
 
 @functools.cache

@@ -371,27 +371,44 @@ class HostTable:
     which on a CPU costs a function call; on an accelerator it would stall every step,
     so pipelines use it on a CPU only (`DalleMini.from_pretrained`).
 
+    With `native` the rows are read by compiled code (`cpu_dots.table_rows`), not a
+    Python callback: ~1.2 ms a step less for DALL-E Mini (the callback's cost in
+    `benchmarks/decode_profile.py`). The sampler asks for it with its `cpu_dots`
+    layout (`dot_layout`), so the small models that stay on XLA's dots never build
+    the kernel.
+
     Attributes:
       key: int32 scalar naming the table in the registry (`register`).
       dim: D (static).
+      native: read by `cpu_dots.table_rows` (static).
     """
 
     key: jax.Array
     dim: int = dataclasses.field(metadata=dict(static=True))
+    native: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
-    def register(cls, owner: Any, table: np.ndarray, dtype) -> "HostTable":
+    def register(cls, owner: Any, table: np.ndarray, dtype, native: bool = False) -> "HostTable":
         """Register `table` (rows rounded to `dtype`, as `host_rows`) for as long as
-        `owner` lives."""
-        key = next(_HOST_TABLE_KEYS)
+        `owner` lives; with `native`, for `cpu_dots.table_rows` too where it can read
+        it (else the callback reads it)."""
+        key = next(_HOST_TABLE_KEYS) % 2**31  # an int32 operand
         _HOST_TABLES[key] = (table, dtype)
-        weakref.finalize(owner, _HOST_TABLES.pop, key, None)
-        return cls(jnp.int32(key), int(table.shape[1]))
+        native = native and cpu_dots.register_table(key, table, dtype)
+        weakref.finalize(owner, _forget_host_table, key)
+        return cls(jnp.int32(key), int(table.shape[1]), native)
 
     def rows(self, ids: jax.Array) -> jax.Array:
         """[B] int token ids -> [B, D] float32 rows (read on the host)."""
+        if self.native:
+            return cpu_dots.table_rows(self.key, ids, self.dim)
         out = jax.ShapeDtypeStruct((ids.shape[0], self.dim), jnp.float32)
         return jax.pure_callback(_host_table_rows, out, self.key, ids)
+
+
+def _forget_host_table(key: int) -> None:
+    cpu_dots.unregister_table(key)  # first: compiled code must not read a table dropped below
+    _HOST_TABLES.pop(key, None)
 
 
 def step_logits(model: DalleBart, layers: list[Any] | None, head: OutMajor | None,
@@ -677,7 +694,7 @@ class TokenSampler:
         # lm_head likewise, when the sampler may take it over (else it would be held twice).
         self._head = split_head(model, parts, threaded) if release_stacked else None
         if image_table is not None:
-            self._tokens = HostTable.register(self, image_table, self._table_dtype)
+            self._tokens = HostTable.register(self, image_table, self._table_dtype, native=threaded)
         else:
             self._tokens = split_token_table(model) if release_stacked else None
         self._enc_layers = split_encoder_layers(model, release_stacked=release_stacked)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +211,51 @@ def _proj(x: jax.Array, w: jax.Array, H: int) -> jax.Array:
     return y.reshape(y.shape[:-1] + (H, -1))
 
 
+def _one_job(*ws: Any) -> bool:
+    """Whether these kernels are threaded single parts that one `cpu_dots` call can take."""
+    return all(isinstance(w, OutMajor) and w.threaded and len(w.parts) == 1 for w in ws)
+
+
+def _kernel_norm(x: jax.Array, norm: dict | None, eps: float) -> tuple[jax.Array, tuple | None]:
+    """(x, norm) for a `cpu_dots` call on layer_norm(x, norm) (on x when norm is None).
+
+    The kernel normalizes float32 x with float32 weights itself (one call instead of
+    ~5 small XLA ops a norm, ~14 us each in a DALL-E Mini step); otherwise
+    `layer_norm` runs here, rounding to x's dtype as it always does, and the kernel
+    gets no norm.
+    """
+    if norm is None:
+        return x, None
+    weights = (norm["bias"], norm.get("scale"))
+    if x.dtype == jnp.float32 and all(w is None or w.dtype == jnp.float32 for w in weights):
+        return x, weights
+    return layer_norm(x, norm, eps), None
+
+
+def _dense_many(x: jax.Array, ws: Sequence[jax.Array | OutMajor], norm: dict | None = None,
+                eps: float = 0.0) -> list[jax.Array]:
+    """`_dense` of layer_norm(x, norm) (of x when norm is None) by each kernel:
+    [B, N, D] -> [B, N, E_i] in x's dtype.
+
+    Threaded kernels (`cpu_dots`) take one call for all (q, k and v: one job for the
+    pool instead of three that XLA may issue from different threads, which take turns
+    on it and change the order in which the pool learns what to read ahead), with the
+    norm in it (`_kernel_norm`).
+    """
+    if not _one_job(*ws):
+        x = x if norm is None else layer_norm(x, norm, eps)
+        return [_dense("bnd,de->bne", x, w) for w in ws]
+    x, norm = _kernel_norm(x, norm, eps)
+    ys = cpu_dots.rows_dot(x.reshape(-1, x.shape[-1]), [w.parts[0] for w in ws], norm=norm, eps=eps)
+    return [y.astype(x.dtype).reshape(x.shape[:-1] + (-1,)) for y in ys]
+
+
+def _projs(x: jax.Array, ws: Sequence[jax.Array | OutMajor], H: int, norm: dict | None = None,
+           eps: float = 0.0) -> list[jax.Array]:
+    """`_proj` of layer_norm(x, norm) (of x when norm is None) by each kernel: [B, N, H, K]s."""
+    return [y.reshape(y.shape[:-1] + (H, -1)) for y in _dense_many(x, ws, norm, eps)]
+
+
 def _merge(x: jax.Array, w: jax.Array) -> jax.Array:
     """[B, N, H, K] -> [B, N, H*K] @ [H*K, D]."""
     x = x.reshape(x.shape[:-2] + (-1,))
@@ -223,14 +268,23 @@ def _post(p: dict, name: str, x: jax.Array, eps: float) -> jax.Array:
 
 def _mlp(cfg: DalleBartConfig, p: dict, x: jax.Array) -> jax.Array:
     """GLU / FFN block on [B, N, D] (its own pre-norm included)."""
-    act = _ACT[cfg.activation]
-    h = layer_norm(x, p["pre"], cfg.layer_norm_eps)
-    g = act(_dense("bnd,df->bnf", h, p["wi_gate"]))
-    if p.get("wi_value") is not None:
-        g = g * _dense("bnd,df->bnf", h, p["wi_value"])
+    act, eps = _ACT[cfg.activation], cfg.layer_norm_eps
+    if (cfg.activation == "gelu" and x.dtype == jnp.float32 and p.get("wi_value") is not None
+            and _one_job(p["wi_gate"], p["wi_value"])):
+        # The norm, both products and the GLU in one `cpu_dots` call (XLA:CPU's own
+        # gelu * value cost ~0.8 ms of a DALL-E Mini decode step:
+        # `benchmarks/decode_profile.py`).
+        h, norm = _kernel_norm(x, p["pre"], eps)
+        g = cpu_dots.gelu_glu(h.reshape(-1, h.shape[-1]), p["wi_gate"].parts[0], p["wi_value"].parts[0],
+                              norm=norm, eps=eps)
+        g = g.reshape(h.shape[:-1] + (-1,))
+    else:
+        h = layer_norm(x, p["pre"], eps)
+        g = act(_dense("bnd,df->bnf", h, p["wi_gate"]))
+        if p.get("wi_value") is not None:
+            g = g * _dense("bnd,df->bnf", h, p["wi_value"])
     g = constrain(g, ("act_batch", "act_len", "act_mlp"))
-    g = _post(p, "mid", g, cfg.layer_norm_eps)
-    return _dense("bnf,fd->bnd", g, p["wo"])
+    return _dense_many(g, (p["wo"],), p.get("mid"), eps)[0]
 
 
 def _encoder_layer(cfg: DalleBartConfig, p: dict, h: jax.Array, mask: jax.Array) -> jax.Array:
@@ -257,11 +311,9 @@ def _decoder_layer(
     """
     H, eps = cfg.num_heads, cfg.layer_norm_eps
     a, c = p["self_attn"], p["cross_attn"]
-    x = layer_norm(h, p["self_pre"], eps)
-    y = self_attend(_proj(x, a["q"], H), _proj(x, a["k"], H), _proj(x, a["v"], H))
+    y = self_attend(*_projs(h, (a["q"], a["k"], a["v"]), H, p["self_pre"], eps))
     h = h + _post(p, "self_post", _merge(y, a["o"]), eps)
-    x = layer_norm(h, p["cross_pre"], eps)
-    y = cross_attend(_proj(x, c["q"], H))
+    y = cross_attend(_projs(h, (c["q"],), H, p["cross_pre"], eps)[0])
     h = h + _post(p, "cross_post", _merge(y, c["o"]), eps)
     h = h + _mlp(cfg, p["mlp"], h)
     return constrain(h, ("act_batch", "act_len", "act_embed"))

@@ -4,6 +4,7 @@ first use), against XLA's own products, and the sampler's use of them."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 
 import jax
@@ -16,8 +17,9 @@ from dalle_mini_jax import cpu_dots
 from dalle_mini_jax.attention import attend_one
 from dalle_mini_jax.config import transformer_preset
 from dalle_mini_jax.float_bits import bits
-from dalle_mini_jax.sampling import SamplingSettings, TokenSampler, dot_layout, image_keys, split_decoder_layers
-from dalle_mini_jax.transformer import DalleBart, OutMajor
+from dalle_mini_jax.sampling import (HostTable, SamplingSettings, TokenSampler, dot_layout, image_keys,
+                                     split_decoder_layers)
+from dalle_mini_jax.transformer import DalleBart, OutMajor, host_rows
 
 from test_transformer import image_batch, randomize, rel_err, text_batch
 
@@ -140,7 +142,7 @@ def test_decode_step_with_cpu_dots_matches_full_sequence():
         return jnp.swapaxes(steps, 0, 1)
 
     hlo = run.lower(cache).as_text()
-    assert cpu_dots.TARGET in hlo and cpu_dots.ATTEND_TARGET in hlo
+    assert cpu_dots.TARGET in hlo and cpu_dots.ATTEND_TARGET in hlo and cpu_dots.GLU_TARGET in hlo
     err = rel_err(run(cache), full)
     assert err < 1e-5, f"cached (cpu_dots) vs full: relative error {err:.2e}"
 
@@ -171,3 +173,80 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert dot_layout(None, jnp.float32, step_bytes=10**9)[1] is False
     with pytest.raises(RuntimeError, match="not available"):
         cpu_dots.rows_dot(jnp.ones((2, 16)), [jnp.ones((4, 16))])
+
+
+@pytest.mark.parametrize("wdtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_glu_matches_gelu_times_value(wdtype):
+    """One call for a GLU's gate and value products and gelu(gate) * value; row counts
+    and sizes that leave a partial vector at the end (M * N not a multiple of 16)."""
+    rng = np.random.default_rng(7)
+    for m in (1, 2, 5):
+        x = rng.standard_normal((m, 83), dtype=np.float32)
+        gate, value = (jnp.asarray(rng.standard_normal((37, 83), dtype=np.float32), wdtype) for _ in range(2))
+        y = jax.jit(cpu_dots.gelu_glu)(x, gate, value)
+        g, v = _reference(x, gate), _reference(x, value)
+        want = 0.5 * g * np.vectorize(math.erfc)(-g / math.sqrt(2)) * v
+        assert y.shape == (m, 37) and y.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=2e-5 * np.abs(v).max())
+    with pytest.raises(ValueError, match="alike"):
+        cpu_dots.gelu_glu(x, gate, value[:5])
+
+
+def test_erf_of_the_glu_is_accurate():
+    """gelu(g) * 1 over a range of g, against math.erfc in float64: within 1.2e-6."""
+    g = np.linspace(-9, 9, 4001, dtype=np.float32)
+    x = np.eye(1, dtype=np.float32)
+    y = np.asarray(cpu_dots.gelu_glu(x, jnp.asarray(g[:, None]), jnp.ones((g.size, 1))))[0]
+    want = 0.5 * g.astype(np.float64) * np.vectorize(math.erfc)(-g.astype(np.float64) / math.sqrt(2))
+    assert np.abs(y - want).max() < 1.2e-6
+
+
+@pytest.mark.parametrize("src", [np.float32, jnp.bfloat16, np.float16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_host_table_rows_read_natively_as_host_rows(src, dtype):
+    """`HostTable(native)` reads rows in compiled code, rounded to the model's dtype
+    exactly as the Python callback (`host_rows`) does; a bad id or a dropped table fails
+    with a message naming it."""
+    class Owner:
+        pass
+
+    rng = np.random.default_rng(3)
+    table = (rng.standard_normal((50, 32)) * 3).astype(src)
+    owner = Owner()
+    host = HostTable.register(owner, table, dtype, native=True)
+    assert host.native
+    ids = jnp.asarray([0, 49, 7, 7], jnp.int32)
+    got = np.asarray(jax.jit(lambda t, i: t.rows(i))(host, ids))
+    np.testing.assert_array_equal(got, host_rows(table, np.asarray(ids), dtype))
+    with pytest.raises(Exception, match="token id 50 outside the table's 50 rows"):
+        np.asarray(jax.jit(lambda t, i: t.rows(i))(host, jnp.asarray([50], jnp.int32)))
+    del owner  # the finalizer forgets the table: compiled code must not read it any more
+    import gc
+
+    gc.collect()
+    with pytest.raises(Exception, match="no host table registered"):
+        np.asarray(jax.jit(lambda t, i: t.rows(i))(host, ids))
+
+
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_products_of_a_layer_norm_of_x(with_scale):
+    """`norm=`: x is LayerNormed (with or without a scale) before the products, as
+    `transformer.layer_norm` does, in rows_dot and gelu_glu alike."""
+    from dalle_mini_jax.transformer import layer_norm
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 83), dtype=np.float32) * 4 + 1
+    norm = {"bias": jnp.asarray(rng.standard_normal(83, dtype=np.float32))}
+    if with_scale:
+        norm["scale"] = jnp.asarray(rng.standard_normal(83, dtype=np.float32))
+    weights = (norm["bias"], norm.get("scale"))
+    xn = np.asarray(layer_norm(jnp.asarray(x), norm, 1e-5))
+    ws = [rng.standard_normal((n, 83), dtype=np.float32) for n in (5, 40)]
+    for w, y in zip(ws, cpu_dots.rows_dot(x, ws, norm=weights, eps=1e-5)):
+        np.testing.assert_allclose(np.asarray(y), _reference(xn, w), rtol=1e-5, atol=1e-4)
+    g, v = ws[1], rng.standard_normal((40, 83), dtype=np.float32)
+    y = cpu_dots.gelu_glu(x, jnp.asarray(g), jnp.asarray(v), norm=weights, eps=1e-5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(cpu_dots.gelu_glu(xn, jnp.asarray(g), jnp.asarray(v))),
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"norm's bias must be float32 \[83\]"):
+        cpu_dots.rows_dot(x, ws, norm=(jnp.zeros(82), None))
