@@ -1,6 +1,7 @@
 """Where a decode step's time goes: XLA:CPU's per-op times in the sampler's decode loop.
 
-    python benchmarks/decode_profile.py DIR [--images 1] [--dtype float32] [--steps 32] [--begin 4] [--top 25]
+    python benchmarks/decode_profile.py DIR [--images 1] [--dtype float32] [--steps 32] [--begin 4]
+        [--top 25]
 
 DIR is a model directory (e.g. W/mini-model from `python benchmarks/generate.py --preset
 mini --only ours1 --runs 1 --workdir W`). Loads it as a pipeline, runs `--steps` guided
@@ -86,8 +87,8 @@ def main(argv=None) -> int:
                     kind = op if op != "fusion" else re.sub(r"[._]?\d+$", "", ev.name)
                     spent[(kind, src, shape)] += ev.duration_ns
     total = sum(spent.values()) / 1e6 / args.steps
-    print(f"{args.model_dir} {args.dtype}, {n} image(s), {args.steps} steps from position {args.begin}: {wall_ms:.1f} ms a step (wall, "
-          f"profiled); ops {total:.1f} ms a step summed over the threads")
+    print(f"{args.model_dir} {args.dtype}, {n} image(s), {args.steps} steps from position {args.begin}: "
+          f"{wall_ms:.1f} ms a step (wall, profiled); ops {total:.1f} ms a step summed over the threads")
     for (kind, src, shape), ns in spent.most_common(args.top):
         print(f"  {ns / 1e6 / args.steps:7.2f} ms  {kind:<28} {src:<22} {shape}")
     return 0

@@ -396,6 +396,15 @@ ffi::Error normalize(const float*& x, int64_t M, int64_t K, ffi::AnyBuffer bias,
   return ffi::Error::Success();
 }
 
+// Appends weight `w` ([N, K] f32 or bf16) to `ws`, its products going to `y`.
+ffi::Error take_weight(const ffi::AnyBuffer& w, int64_t K, float* y, std::vector<Weight>& ws) {
+  const auto dt = w.element_type();
+  if ((dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) || w.dimensions().size() != 2 || w.dimensions()[1] != K)
+    return ffi::Error::InvalidArgument("cpu_dots: weights must be float32 or bfloat16 [N, K]");
+  ws.push_back(Weight{w.untyped_data(), dt == ffi::DataType::BF16, y, w.dimensions()[0]});
+  return ffi::Error::Success();
+}
+
 ffi::Error RowsDot(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer norm_scale, ffi::RemainingArgs weights,
                    ffi::RemainingRets outs, float eps, int64_t threads) {
   if (x.element_type() != ffi::DataType::F32 || x.dimensions().size() != 2)
@@ -408,14 +417,9 @@ ffi::Error RowsDot(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer no
     auto w = weights.get<ffi::AnyBuffer>(i);
     auto y = outs.get<ffi::AnyBuffer>(i);
     if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("cpu_dots: bad operand");
-    const auto dt = w->element_type();
-    if ((dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) || w->dimensions().size() != 2 ||
-        w->dimensions()[1] != K)
-      return ffi::Error::InvalidArgument("cpu_dots: weights must be float32 or bfloat16 [N, K]");
-    const int64_t N = w->dimensions()[0];
-    if ((*y)->element_type() != ffi::DataType::F32 || (*y)->element_count() != size_t(M * N))
+    if (ffi::Error e = take_weight(*w, K, static_cast<float*>((*y)->untyped_data()), ws); e.failure()) return e;
+    if ((*y)->element_type() != ffi::DataType::F32 || (*y)->element_count() != size_t(M * ws.back().n))
       return ffi::Error::InvalidArgument("cpu_dots: results must be float32 [M, N]");
-    ws.push_back(Weight{w->untyped_data(), dt == ffi::DataType::BF16, static_cast<float*>((*y)->untyped_data()), N});
   }
   const float* xs = static_cast<const float*>(x.untyped_data());
   if (ffi::Error e = normalize(xs, M, K, norm_bias, norm_scale, eps); e.failure()) return e;
@@ -447,6 +451,8 @@ inline vf erf(vf x) {
   return x * p / q;
 }
 
+inline vf gelu_times(vf g, vf v) { return 0.5f * g * (1.0f + erf(g * 0.707106781f)) * v; }  // g / sqrt(2)
+
 // out [M, N] = gelu(x Wg^T) * (x Wv^T), gelu exact (erf); Wg, Wv [N, K] f32 or bf16.
 // One job for both products (the pool splits their rows together), then the GLU on
 // the caller: XLA:CPU spent ~60 us a layer on this small elementwise step.
@@ -456,13 +462,9 @@ ffi::Error GeluGlu(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer no
     return ffi::Error::InvalidArgument("cpu_dots glu: x must be float32 [M, K]");
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
   std::vector<Weight> ws;
-  for (const ffi::AnyBuffer* w : {&wg, &wv}) {
-    const auto dt = w->element_type();
-    if ((dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) || w->dimensions().size() != 2 ||
-        w->dimensions()[1] != K || w->dimensions()[0] != wg.dimensions()[0])
-      return ffi::Error::InvalidArgument("cpu_dots glu: gate and value must be float32 or bfloat16 [N, K]");
-    ws.push_back(Weight{w->untyped_data(), dt == ffi::DataType::BF16, nullptr, w->dimensions()[0]});
-  }
+  for (const ffi::AnyBuffer* w : {&wg, &wv})
+    if (ffi::Error e = take_weight(*w, K, nullptr, ws); e.failure()) return e;
+  if (ws[0].n != ws[1].n) return ffi::Error::InvalidArgument("cpu_dots glu: gate and value must be [N, K] alike");
   const int64_t N = ws[0].n, size = M * N;
   if (out->element_type() != ffi::DataType::F32 || out->element_count() != size_t(size))
     return ffi::Error::InvalidArgument("cpu_dots glu: the result must be float32 [M, N]");
@@ -478,15 +480,14 @@ ffi::Error GeluGlu(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer no
   const float* v = ws[1].y;
   int64_t i = 0;
   for (; i + kLanes <= size; i += kLanes) {
-    const vf gi = load(g + i);
-    const vf y = 0.5f * gi * (1.0f + erf(gi * 0.707106781f)) * load(v + i);  // x / sqrt(2)
+    const vf y = gelu_times(load(g + i), load(v + i));
     std::memcpy(o + i, &y, sizeof(y));
   }
   if (i < size) {  // the last few, as one zero-padded vector: the same maths as the rest
     vf gi{}, vi{};
     std::memcpy(&gi, g + i, (size - i) * sizeof(float));
     std::memcpy(&vi, v + i, (size - i) * sizeof(float));
-    const vf y = 0.5f * gi * (1.0f + erf(gi * 0.707106781f)) * vi;
+    const vf y = gelu_times(gi, vi);
     std::memcpy(o + i, &y, (size - i) * sizeof(float));
   }
   return ffi::Error::Success();

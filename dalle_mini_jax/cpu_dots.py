@@ -186,7 +186,7 @@ def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None
     x = jnp.asarray(x, jnp.float32)
     m, k = x.shape
     for w in weights:
-        if w.ndim != 2 or w.shape[1] != k or w.dtype not in (jnp.float32, jnp.bfloat16):
+        if w.ndim != 2 or w.shape[1] != k or not supports(w.dtype):
             raise ValueError(f"rows_dot: weights must be float32/bfloat16 [N, {k}], got {w.dtype} {w.shape}")
     bias, scale, attrs = _norm_operands(norm, k, eps)
     outs = tuple(jax.ShapeDtypeStruct((m, w.shape[0]), jnp.float32) for w in weights)
