@@ -38,6 +38,20 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     return info
 
 
+def self_times(events) -> list[tuple[str, int]]:
+    """(name, ns) of each event on one thread less the time of the events inside it: a
+    while loop's own time, not its body's (the body's ops are events of their own)."""
+    out, open_ = [], []  # open_: [end_ns, index into out] of the events enclosing this one
+    for ev in sorted(events, key=lambda e: (e.start_ns, -e.duration_ns)):
+        while open_ and open_[-1][0] <= ev.start_ns:
+            open_.pop()
+        if open_:
+            out[open_[-1][1]][1] -= ev.duration_ns
+        out.append([ev.name, ev.duration_ns])
+        open_.append([ev.start_ns + ev.duration_ns, len(out) - 1])
+    return [tuple(x) for x in out]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path)
@@ -79,13 +93,15 @@ def main(argv=None) -> int:
     spent = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
-            if not line.name.startswith("tf_XLAEigen"):  # XLA:CPU's worker threads
+            # XLA:CPU's threads: its intra-op pool, or the client's thread that runs a
+            # program itself (which one runs the decode loop has varied between runs).
+            if not line.name.startswith(("tf_XLAEigen", "tf_XLAPjRtCpuClient")):
                 continue
-            for ev in line.events:
-                if ev.name in info:
-                    shape, op, src = info[ev.name]
-                    kind = op if op != "fusion" else re.sub(r"[._]?\d+$", "", ev.name)
-                    spent[(kind, src, shape)] += ev.duration_ns
+            for name, ns in self_times(line.events):
+                if name in info:
+                    shape, op, src = info[name]
+                    kind = op if op != "fusion" else re.sub(r"[._]?\d+$", "", name)
+                    spent[(kind, src, shape)] += ns
     total = sum(spent.values()) / 1e6 / args.steps
     print(f"{args.model_dir} {args.dtype}, {n} image(s), {args.steps} steps from position {args.begin}: "
           f"{wall_ms:.1f} ms a step (wall, profiled); ops {total:.1f} ms a step summed over the threads")

@@ -84,6 +84,61 @@ def test_sampling_respects_top_k_and_top_p():
     assert _draw_counts(logits, top_p=0.65)[1] > 0
 
 
+def _full_draw(keys, logits, position, num_codes, temperature, top_k):
+    """`sample_codes`' codes as the plain full-vocabulary categorical draw gives them."""
+    step = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position)
+    return jax.vmap(jax.random.categorical)(step, warp_logits(logits[:, :num_codes], temperature, top_k, None))
+
+
+def _threefry_shapes(fn, *args):
+    """The output shapes of the threefry calls `fn` makes (its random bits)."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return [e.outvars[0].aval.shape for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "threefry2x32"]
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (jit, vmap'd calls) included."""
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("top_k", [1, 50, 1021])
+def test_top_k_draw_is_the_full_categorical_draw(top_k):
+    """With top-k (and no top-p) only the k kept codes get Gumbel noise; the codes are
+    exactly those of `jax.random.categorical` over the masked row: every key, position,
+    temperature, tied logits (all-equal rows, ties at the k-th value)."""
+    V, num_codes, B = 1030, 1022, 6
+    keys = jax.random.split(jax.random.key(11), B)
+
+    @jax.jit
+    def both(logits, position, temperature):
+        args = (keys, logits, position, num_codes, temperature, top_k)
+        return sample_codes(*args, None), _full_draw(*args)
+
+    for i in range(40):
+        logits = jax.random.normal(jax.random.key(i), (B, V)) * (1 + i % 4)
+        logits = logits.at[0].set(0.0).at[1, :20].set(3.0)  # a row all tied; 20 tied at the top
+        fast, full = both(logits, jnp.int32(i), jnp.float32(0.5 + i / 20))
+        np.testing.assert_array_equal(np.asarray(fast), np.asarray(full))
+    # Only k random numbers a row are made, not V.
+    shapes = _threefry_shapes(lambda lg: sample_codes(keys, lg, jnp.int32(0), num_codes, 1.0, top_k, None), logits)
+    assert shapes == [(B, top_k)], shapes
+
+
+def test_top_k_draw_falls_back_where_jax_makes_bits_otherwise():
+    """Without partitionable threefry the bits of element i are not threefry(key, i): the
+    full draw is used, and the codes are still `jax.random.categorical`'s."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    logits = jax.random.normal(jax.random.key(4), (4, 300))
+    with jax.threefry_partitionable(False):
+        args = (keys, logits, jnp.int32(5), 290, jnp.float32(1.0), 20)
+        np.testing.assert_array_equal(np.asarray(sample_codes(*args, None)), np.asarray(_full_draw(*args)))
+        shapes = _threefry_shapes(lambda lg: sample_codes(keys, lg, jnp.int32(5), 290, 1.0, 20, None), logits)
+        assert (4, 20) not in shapes
+
+
 def test_masked_ids_never_sampled_even_with_huge_logits():
     logits = np.zeros(10, np.float32)
     logits[8:] = 1e9  # "BOS" and a padding id
