@@ -364,27 +364,20 @@ void run_rows(const std::vector<Weight>& ws, const float* x, int64_t M, int64_t 
   pool(int(threads))->Run(f, chunks, ws.front().data, self);
 }
 
-// ---- An optional LayerNorm of x before its products --------------------------------
+// ---- An optional LayerNorm of x before its products, and of the result after ---------
 //
 // The decode step's pre-norms (before q/k/v, the cross-attention's q, the GLU, and the
 // GLU's mid-norm before its last product) run here instead of as ~5 small XLA ops
-// each (~14 us a norm, 48 of them a DALL-E Mini step).
+// each (~14 us a norm, 48 of them a DALL-E Mini step); so do the post-norms after the
+// attention's output products and the residual adds after them and the GLU (`rows_dot`'s
+// `post=` and `residual=`), another ~5 and 1 XLA ops each.
 
-// x [M, K] normalized over K as `transformer.layer_norm` (float32): (x - mean) /
-// sqrt(var + eps) * scale + bias, or x itself when `bias` is empty. `scale` may be
-// empty (a bias-only norm). The result lives in a thread-local buffer.
-ffi::Error normalize(const float*& x, int64_t M, int64_t K, ffi::AnyBuffer bias, ffi::AnyBuffer scale, float eps) {
-  if (bias.element_count() == 0) return ffi::Error::Success();
-  if (bias.element_type() != ffi::DataType::F32 || bias.element_count() != size_t(K) ||
-      scale.element_type() != ffi::DataType::F32 || (scale.element_count() != 0 && scale.element_count() != size_t(K)))
-    return ffi::Error::InvalidArgument("cpu_dots: the norm's bias and scale must be float32 [K] (scale may be [0])");
-  thread_local std::vector<float> buf;
-  buf.resize(M * K);
-  const float* b = static_cast<const float*>(bias.untyped_data());
-  const float* g = scale.element_count() ? static_cast<const float*>(scale.untyped_data()) : nullptr;
+// y[m] = (x[m] - mean) / sqrt(var + eps) * scale + bias over K, for each of M rows, as
+// `transformer.layer_norm` (float32); `g` (scale) may be null. y may be x.
+void layer_norm_rows(const float* x, float* y, int64_t M, int64_t K, const float* b, const float* g, float eps) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
-    float* ym = buf.data() + m * K;
+    float* ym = y + m * K;
     float mean = 0.f, var = 0.f;
     for (int64_t k = 0; k < K; ++k) mean += xm[k];
     mean /= float(K);
@@ -392,6 +385,31 @@ ffi::Error normalize(const float*& x, int64_t M, int64_t K, ffi::AnyBuffer bias,
     const float inv = 1.0f / std::sqrt(var / float(K) + eps);
     for (int64_t k = 0; k < K; ++k) ym[k] = (xm[k] - mean) * inv * (g ? g[k] : 1.0f) + b[k];
   }
+}
+
+// A norm's weights: bias [K] f32 (empty: no norm) and scale [K] or [0] f32; false if
+// they are neither.
+bool norm_weights(ffi::AnyBuffer bias, ffi::AnyBuffer scale, int64_t K, const float*& b, const float*& g) {
+  b = g = nullptr;
+  if (bias.element_count() == 0) return true;
+  if (bias.element_type() != ffi::DataType::F32 || bias.element_count() != size_t(K) ||
+      scale.element_type() != ffi::DataType::F32 || (scale.element_count() != 0 && scale.element_count() != size_t(K)))
+    return false;
+  b = static_cast<const float*>(bias.untyped_data());
+  if (scale.element_count()) g = static_cast<const float*>(scale.untyped_data());
+  return true;
+}
+
+// x [M, K] normalized over K (`layer_norm_rows`) into a thread-local buffer, or x itself
+// when `bias` is empty.
+ffi::Error normalize(const float*& x, int64_t M, int64_t K, ffi::AnyBuffer bias, ffi::AnyBuffer scale, float eps) {
+  const float *b, *g;
+  if (!norm_weights(bias, scale, K, b, g))
+    return ffi::Error::InvalidArgument("cpu_dots: the norm's bias and scale must be float32 [K] (scale may be [0])");
+  if (!b) return ffi::Error::Success();
+  thread_local std::vector<float> buf;
+  buf.resize(M * K);
+  layer_norm_rows(x, buf.data(), M, K, b, g, eps);
   x = buf.data();
   return ffi::Error::Success();
 }
@@ -405,7 +423,8 @@ ffi::Error take_weight(const ffi::AnyBuffer& w, int64_t K, float* y, std::vector
   return ffi::Error::Success();
 }
 
-ffi::Error RowsDot(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer norm_scale, ffi::RemainingArgs weights,
+ffi::Error RowsDot(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer norm_scale, ffi::AnyBuffer post_bias,
+                   ffi::AnyBuffer post_scale, ffi::AnyBuffer residual, ffi::RemainingArgs weights,
                    ffi::RemainingRets outs, float eps, int64_t threads) {
   if (x.element_type() != ffi::DataType::F32 || x.dimensions().size() != 2)
     return ffi::Error::InvalidArgument("cpu_dots: x must be float32 [M, K]");
@@ -421,9 +440,25 @@ ffi::Error RowsDot(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer no
     if ((*y)->element_type() != ffi::DataType::F32 || (*y)->element_count() != size_t(M * ws.back().n))
       return ffi::Error::InvalidArgument("cpu_dots: results must be float32 [M, N]");
   }
+  // The epilogue: y = residual + post_norm(y), for one weight only.
+  const int64_t N = ws.front().n;
+  const float *pb, *pg;
+  if (!norm_weights(post_bias, post_scale, N, pb, pg))
+    return ffi::Error::InvalidArgument("cpu_dots: the post-norm's bias and scale must be float32 [N] (scale may be [0])");
+  const bool add = residual.element_count() != 0;
+  if ((pb || add) && ws.size() != 1)
+    return ffi::Error::InvalidArgument("cpu_dots: a post-norm or a residual takes one weight");
+  if (add && (residual.element_type() != ffi::DataType::F32 || residual.element_count() != size_t(M * N)))
+    return ffi::Error::InvalidArgument("cpu_dots: the residual must be float32 [M, N]");
   const float* xs = static_cast<const float*>(x.untyped_data());
   if (ffi::Error e = normalize(xs, M, K, norm_bias, norm_scale, eps); e.failure()) return e;
   run_rows(ws, xs, M, K, threads);
+  float* y = ws.front().y;
+  if (pb) layer_norm_rows(y, y, M, N, pb, pg, eps);
+  if (add) {
+    const float* r = static_cast<const float*>(residual.untyped_data());
+    for (int64_t i = 0; i < M * N; ++i) y[i] += r[i];
+  }
   return ffi::Error::Success();
 }
 
@@ -730,6 +765,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DmjRowsDot, RowsDot,
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // norm_bias
                                   .Arg<ffi::AnyBuffer>()  // norm_scale
+                                  .Arg<ffi::AnyBuffer>()  // post_bias
+                                  .Arg<ffi::AnyBuffer>()  // post_scale
+                                  .Arg<ffi::AnyBuffer>()  // residual
                                   .RemainingArgs()        // the weights
                                   .RemainingRets()
                                   .Attr<float>("eps")

@@ -154,20 +154,20 @@ def _load() -> tuple[bool, str]:
 Norm = tuple  # (bias [K], scale [K] or None): a LayerNorm's float32 weights
 
 
-def _norm_operands(norm: Norm | None, k: int, eps: float) -> tuple[jax.Array, jax.Array, dict]:
-    """The kernel's (bias, scale) operands and eps attribute; empty arrays: no norm."""
+def _norm_operands(norm: Norm | None, k: int, what: str = "norm") -> tuple[jax.Array, jax.Array]:
+    """The kernel's (bias, scale) operands for a norm over k; empty arrays: no norm."""
     if norm is None:
-        return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32), dict(eps=np.float32(0))
+        return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
     bias, scale = norm
     for name, a in (("bias", bias), ("scale", scale)):
         if a is not None and (a.shape != (k,) or a.dtype != jnp.float32):
-            raise ValueError(f"the norm's {name} must be float32 [{k}], got {a.dtype} {a.shape}")
-    scale = jnp.zeros((0,), jnp.float32) if scale is None else scale
-    return bias, scale, dict(eps=np.float32(eps))
+            raise ValueError(f"the {what}'s {name} must be float32 [{k}], got {a.dtype} {a.shape}")
+    return bias, jnp.zeros((0,), jnp.float32) if scale is None else scale
 
 
 def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None = None,
-             norm: Norm | None = None, eps: float = 1e-5) -> tuple[jax.Array, ...]:
+             norm: Norm | None = None, eps: float = 1e-5, post: Norm | None = None,
+             residual: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """x @ W_i^T for each weight, on all cores: float32 [M, K] x [N_i, K] -> [M, N_i].
 
     Args:
@@ -176,6 +176,10 @@ def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None
       num_threads: threads to split each product over (default `cpu_cores()`).
       norm: optional (bias, scale or None), float32 [K]: x is first LayerNormed over K
         with them and `eps`, as `transformer.layer_norm` does in float32.
+      post: optional (bias, scale or None), float32 [N]: the product is LayerNormed over
+        N afterwards (one weight only).
+      residual: optional float32 [M, N], added last (one weight only): a residual
+        branch's `residual + post_norm(norm(x) @ W^T)` in one call.
 
     Returns:
       one float32 [M, N_i] per weight; the same products as
@@ -188,10 +192,17 @@ def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None
     for w in weights:
         if w.ndim != 2 or w.shape[1] != k or not supports(w.dtype):
             raise ValueError(f"rows_dot: weights must be float32/bfloat16 [N, {k}], got {w.dtype} {w.shape}")
-    bias, scale, attrs = _norm_operands(norm, k, eps)
+    if (post is not None or residual is not None) and len(weights) != 1:
+        raise ValueError(f"rows_dot: post= and residual= take one weight, got {len(weights)}")
+    n = weights[0].shape[0]
+    if residual is None:
+        residual = jnp.zeros((0,), jnp.float32)
+    elif residual.shape != (m, n) or residual.dtype != jnp.float32:
+        raise ValueError(f"rows_dot: the residual must be float32 [{m}, {n}], got {residual.dtype} {residual.shape}")
     outs = tuple(jax.ShapeDtypeStruct((m, w.shape[0]), jnp.float32) for w in weights)
     call = jax.ffi.ffi_call(TARGET, outs, vmap_method="sequential")
-    return tuple(call(x, bias, scale, *weights, threads=np.int64(num_threads or cpu_cores()), **attrs))
+    return tuple(call(x, *_norm_operands(norm, k), *_norm_operands(post, n, "post-norm"), residual, *weights,
+                      threads=np.int64(num_threads or cpu_cores()), eps=np.float32(eps)))
 
 
 def gelu_glu(x: jax.Array, gate: jax.Array, value: jax.Array, num_threads: int | None = None,
@@ -216,10 +227,10 @@ def gelu_glu(x: jax.Array, gate: jax.Array, value: jax.Array, num_threads: int |
         if w.ndim != 2 or w.shape != gate.shape or w.shape[1] != x.shape[1] or not supports(w.dtype):
             raise ValueError(f"gelu_glu: gate and value must be float32/bfloat16 [N, {x.shape[1]}] alike, "
                              f"got {gate.dtype} {gate.shape} and {value.dtype} {value.shape}")
-    bias, scale, attrs = _norm_operands(norm, x.shape[1], eps)
     out = jax.ShapeDtypeStruct((x.shape[0], gate.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(GLU_TARGET, out, vmap_method="sequential")
-    return call(x, bias, scale, gate, value, threads=np.int64(num_threads or cpu_cores()), **attrs)
+    return call(x, *_norm_operands(norm, x.shape[1]), gate, value, threads=np.int64(num_threads or cpu_cores()),
+                eps=np.float32(eps))
 
 
 def _kind(dtype) -> int | None:

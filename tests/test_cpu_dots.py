@@ -250,3 +250,20 @@ def test_products_of_a_layer_norm_of_x(with_scale):
                                rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match=r"norm's bias must be float32 \[83\]"):
         cpu_dots.rows_dot(x, ws, norm=(jnp.zeros(82), None))
+    # `post=` and `residual=`: a residual branch's residual + post_norm(norm(x) @ W^T).
+    post = {"bias": jnp.asarray(rng.standard_normal(40, dtype=np.float32))}
+    if with_scale:
+        post["scale"] = jnp.asarray(rng.standard_normal(40, dtype=np.float32))
+    h = rng.standard_normal((3, 40), dtype=np.float32)
+    want = h + np.asarray(layer_norm(jnp.asarray(_reference(xn, ws[1]), jnp.float32), post, 1e-5))
+    for pre, xi in ((weights, x), (None, xn)):
+        y = cpu_dots.rows_dot(xi, ws[1:], norm=pre, eps=1e-5, post=(post["bias"], post.get("scale")), residual=h)[0]
+        np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
+    y = cpu_dots.rows_dot(x, ws[1:], norm=weights, eps=1e-5, residual=h)[0]  # the add alone
+    np.testing.assert_allclose(np.asarray(y), h + _reference(xn, ws[1]), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"post-norm's bias must be float32 \[40\]"):
+        cpu_dots.rows_dot(x, ws[1:], post=(jnp.zeros(83), None))
+    with pytest.raises(ValueError, match="take one weight"):
+        cpu_dots.rows_dot(x, ws, residual=jnp.zeros((3, 5)))
+    with pytest.raises(ValueError, match=r"residual must be float32 \[3, 40\]"):
+        cpu_dots.rows_dot(x, ws[1:], residual=jnp.zeros((3, 5)))
