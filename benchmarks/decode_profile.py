@@ -38,6 +38,12 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     return info
 
 
+def body_size(hlo_text: str) -> int:
+    """Instructions in the largest computation of a compiled program (the decode loop's body)."""
+    comps = re.split(r"\n(?=\S)", hlo_text)
+    return max(sum(" = " in line for line in c.splitlines()[1:]) for c in comps)
+
+
 def self_times(events) -> list[tuple[str, int]]:
     """(name, ns) of each event on one thread less the time of the events inside it: a
     while loop's own time, not its body's (the body's ops are events of their own)."""
@@ -104,7 +110,8 @@ def main(argv=None) -> int:
                     spent[(kind, src, shape)] += ns
     total = sum(spent.values()) / 1e6 / args.steps
     print(f"{args.model_dir} {args.dtype}, {n} image(s), {args.steps} steps from position {args.begin}: "
-          f"{wall_ms:.1f} ms a step (wall, profiled); ops {total:.1f} ms a step summed over the threads")
+          f"{wall_ms:.1f} ms a step (wall, profiled); ops {total:.1f} ms a step summed over the threads; "
+          f"the loop's body: {body_size(hlo)} instructions")
     for (kind, src, shape), ns in spent.most_common(args.top):
         print(f"  {ns / 1e6 / args.steps:7.2f} ms  {kind:<28} {src:<22} {shape}")
     return 0
