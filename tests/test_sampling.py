@@ -127,6 +127,17 @@ def test_top_k_draw_is_the_full_categorical_draw(top_k):
     assert shapes == [(B, top_k)], shapes
 
 
+def test_kept_noise_is_jax_random_gumbel_at_those_ids():
+    """The noise `_draw_top_k` makes for a few ids is `jax.random.gumbel`'s at those
+    ids, bit for bit, past 2**16 ids too (the counter's high bits)."""
+    keys = jax.random.split(jax.random.key(20261203), 4)
+    V = 70_000
+    full = jax.jit(jax.vmap(lambda key: jax.random.gumbel(key, (V,), jnp.float32)))(keys)
+    ids = np.random.default_rng(0).integers(0, V, (4, 257)).astype(np.int32)
+    kept = jax.jit(sampling._gumbel_at)(keys, jnp.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(kept), np.take_along_axis(np.asarray(full), ids, 1))
+
+
 def test_top_k_draw_falls_back_where_jax_makes_bits_otherwise():
     """Without partitionable threefry the bits of element i are not threefry(key, i): the
     full draw is used, and the codes are still `jax.random.categorical`'s."""
