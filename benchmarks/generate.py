@@ -29,7 +29,11 @@ decimal GB (10^9 bytes) and `peak_rss_gib` in GiB, so a target written in "GB" c
 read either way. `step_bytes_mb` and the bandwidths are decimal (10^6, 10^9 bytes).
 
 The floor of a decode step is (bytes of decoder weights a step must read: every decoder
-layer except the cross-attention k/v kernels, plus lm_head) / bandwidth.
+layer except the cross-attention k/v kernels, plus lm_head) / bandwidth. `step_over_floor`
+takes the bandwidth measured at the start of the run (step 2); `step_over_floor_paired`
+is the median, over ours1's timed decode loops, of each loop's step against the faster
+of the bandwidth reads just before and after that loop (`paired_steps`; the machine's
+read rate drifts over minutes). Those reads come after the child's peak RSS is taken.
 
 Presets: `mini` / `mega` are the released shapes with the f16/16384 VQGAN. `tiny` is the
 tiny transformer widened to min-dalle's hard-coded lengths (64 text, 256 image tokens,
@@ -155,6 +159,15 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 7, threads: int | None = N
     return out
 
 
+def step_bytes(cfg, dtype: str) -> int:
+    """`decoder_step_bytes` for weights of this dtype name."""
+    import numpy as np
+
+    # numpy has no bfloat16; float16 has its itemsize.
+    itemsize = np.dtype({"float32": "float32", "bfloat16": "float16", "float16": "float16"}[dtype]).itemsize
+    return decoder_step_bytes(cfg, itemsize)
+
+
 def decoder_step_bytes(cfg, itemsize: int) -> int:
     """Bytes of weights one decode step must read (per-step decoder weights + lm_head)."""
     D, F, L = cfg.embed_dim, cfg.mlp_dim, cfg.num_decoder_layers
@@ -242,12 +255,37 @@ def child_ours(args) -> dict:
         state.tokens.block_until_ready()
         return time.perf_counter() - t0
 
-    step_s = statistics.median([loop() for _ in range(args.runs)]) / S
     codes = pipe.generate_codes(prompts, **kw)[:1]
     vq_s, _ = _median_runs(lambda: pipe.decode_codes(codes), args.runs)
-    return dict(total_s=total, times=times, first_call_s=first_s, load_s=load_s, step_ms=step_s * 1e3,
-                vqgan_s_per_image=vq_s, weights_dtype=args.dtype, weights_mb=weights_mb,
-                peak_rss_mb=_peak_rss_mb(), n=n)
+    # The peak now: the bandwidth reads below hold 2 GiB of their own.
+    peak = _peak_rss_mb()
+    steps, floors = paired_steps(loop, step_bytes(pipe.config, args.dtype), args.runs)
+    return dict(total_s=total, times=times, first_call_s=first_s, load_s=load_s,
+                step_ms=statistics.median(steps) / S * 1e3, vqgan_s_per_image=vq_s, weights_dtype=args.dtype,
+                weights_mb=weights_mb, peak_rss_mb=peak, n=n,
+                paired_step_ms=[t / S * 1e3 for t in steps], paired_floor_ms=floors)
+
+
+def paired_steps(loop, nbytes: int, runs: int) -> tuple[list[float], list[float]]:
+    """`runs` timed decode loops, each with its own floor: the step's bytes over the
+    faster of the bandwidth reads just before and just after it.
+
+    Why: this machine's read rate moves by ~20 % from minute to minute (25-30 GB/s for
+    the plain read of the same commit, minutes apart), and the start-of-run bandwidth
+    was measured minutes before the step, so step / floor mixed two moments (the same
+    code read 1.16x-1.47x that way on 2026-12-03). Each loop here (~10 s) lies between
+    two reads.
+
+    Returns:
+      (loop times in s, floors in ms a step).
+    """
+    bws = [memory_bandwidth()["best"]]
+    times, floors = [], []
+    for _ in range(runs):
+        times.append(loop())
+        bws.append(memory_bandwidth()["best"])
+        floors.append(nbytes / max(bws[-2], bws[-1]) * 1e3)
+    return times, floors
 
 
 def child_min_dalle(args) -> dict:
@@ -322,6 +360,11 @@ def summarize(args, r: dict, bw: dict[str, float], step_bytes: int, md_runs: int
         peak_rss_dtype={k: g(k, "weights_dtype") or nominal[k] for k, _, _ in CONFIGS},
     )
     summary["step_over_floor"] = summary["step_ms"] / floor_ms if summary["step_ms"] else None
+    # Each loop against the bandwidth read around it (`paired_steps`): the median ratio.
+    ours1 = r.get("ours1", {})
+    summary["paired_step_ms"], summary["paired_floor_ms"] = ours1.get("paired_step_ms"), ours1.get("paired_floor_ms")
+    pairs = list(zip(summary["paired_step_ms"] or [], summary["paired_floor_ms"] or []))
+    summary["step_over_floor_paired"] = statistics.median(s / f for s, f in pairs) if pairs else None
     both = [("1", "ours_1_s", "min_dalle_1_s"), ("grid", "ours_grid_s", "min_dalle_grid_s")]
     for name, ours, theirs in both:
         summary[f"speedup_{name}"] = (summary[theirs] / summary[ours]
@@ -374,11 +417,7 @@ def main(argv=None) -> int:
     print(f"random {args.preset} model in {args.model_dir} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     cfg, _ = _configs(args.preset)
     bw = memory_bandwidth()
-    import numpy as np
-
-    # numpy has no bfloat16; float16 has its itemsize.
-    itemsize = np.dtype({"float32": "float32", "bfloat16": "float16", "float16": "float16"}[args.dtype]).itemsize
-    step_bytes = decoder_step_bytes(cfg, itemsize)
+    nbytes = step_bytes(cfg, args.dtype)
     md_runs = args.md_runs or args.runs
     r = {}
     for key, kind, n in CONFIGS:
@@ -386,7 +425,7 @@ def main(argv=None) -> int:
             print(f"running {key} ...", file=sys.stderr, flush=True)
             r[key] = _spawn(kind, args, n, md_runs if kind == "min_dalle" else args.runs)
             print(f"  {key}: {json.dumps(r[key])}", file=sys.stderr, flush=True)
-    summary = summarize(args, r, bw, step_bytes, md_runs)
+    summary = summarize(args, r, bw, nbytes, md_runs)
 
     rows = []
     for k, v in summary.items():

@@ -40,3 +40,22 @@ def test_floor_is_step_bytes_over_the_best_bandwidth():
     assert s["peak_rss_gib"]["md1"] == pytest.approx(3000 / 1024)
     # DALL-E Mini fp32: 12 layers of 6 D^2 + 3 D F (+ norms) and lm_head, 772 MB a step.
     assert step_bytes / 1e6 == pytest.approx(772, abs=1)
+    assert generate.step_bytes(cfg, "float32") == step_bytes == 2 * generate.step_bytes(cfg, "bfloat16")
+    assert s["step_over_floor_paired"] is None  # no paired loops given
+
+
+def test_paired_steps_take_each_loop_against_the_faster_read_around_it(monkeypatch):
+    reads = iter([20e9, 25e9, 10e9, 30e9])  # before loop 1, after 1 / before 2, after 2 / before 3, after 3
+    monkeypatch.setattr(generate, "memory_bandwidth", lambda: {"best": next(reads)})
+    loops = iter([0.5, 0.6, 0.7])
+    times, floors = generate.paired_steps(lambda: next(loops), 10**9, runs=3)
+    assert times == [0.5, 0.6, 0.7]
+    assert floors == pytest.approx([1e9 / 25e9 * 1e3, 1e9 / 25e9 * 1e3, 1e9 / 30e9 * 1e3])
+    args = argparse.Namespace(preset="mini", dtype="float32", runs=3)
+    r = {"ours1": {"step_ms": 40.0, "total_s": 20.0, "vqgan_s_per_image": 1.0, "first_call_s": 30.0,
+                   "weights_mb": 1.0, "peak_rss_mb": 2000.0, "weights_dtype": "float32",
+                   "paired_step_ms": [40.0, 44.0, 36.0], "paired_floor_ms": floors}}
+    s = generate.summarize(args, r, {"best": 25e9, "threads": 2}, 10**9, md_runs=3)
+    # ratios 1.0, 1.1, 1.08: the median
+    assert s["step_over_floor_paired"] == pytest.approx(36.0 / floors[2])
+    assert s["paired_floor_ms"] == floors
