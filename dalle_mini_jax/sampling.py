@@ -255,7 +255,7 @@ def sample_codes(
 
 # The draw among the top k. `jax.random.categorical(key, logits)` is
 # argmax(logits + gumbel(key, [V])): with top-k, every code but k has logit -inf and can
-# never win, yet the full draw makes V random numbers, adds and scans V (~1.3 ms of a
+# never win, yet the full draw makes V random numbers, adds and scans V (~1.1 ms of a
 # DALL-E Mini step on a 2-core CPU, 16,384 codes, for 50 kept). `_draw_top_k` makes the
 # Gumbel noise of the kept ids only, giving the same codes bit for bit. It relies on how
 # jax's threefry makes bits with `jax_threefry_partitionable` (on by default): the bits
@@ -307,8 +307,9 @@ def _draw_top_k(keys: jax.Array, logits: jax.Array, k: int) -> jax.Array:
 
 def _draws_kept_only(keys: jax.Array) -> bool:
     """Whether `_draw_top_k` gives `jax.random.categorical`'s codes for these keys."""
-    return (jax.random.key_impl(keys) == "threefry2x32" and jax.config.jax_threefry_partitionable
-            and not jax.config.jax_high_dynamic_range_gumbel and _threefry_primitive() is not None)
+    flag = lambda name, default: getattr(jax.config, name, default)  # noqa: E731 (flags come and go)
+    return (str(jax.random.key_impl(keys)) == "threefry2x32" and flag("jax_threefry_partitionable", False)
+            and not flag("jax_high_dynamic_range_gumbel", True) and _threefry_primitive() is not None)
 
 
 @functools.cache
