@@ -189,6 +189,8 @@ def rows_dot(x: jax.Array, weights: Sequence[jax.Array], num_threads: int | None
         raise RuntimeError(f"cpu_dots.rows_dot is not available: {reason()}")
     x = jnp.asarray(x, jnp.float32)
     m, k = x.shape
+    if not weights:
+        raise ValueError("rows_dot: no weights given (one or more [N, K] arrays)")
     for w in weights:
         if w.ndim != 2 or w.shape[1] != k or not supports(w.dtype):
             raise ValueError(f"rows_dot: weights must be float32/bfloat16 [N, {k}], got {w.dtype} {w.shape}")

@@ -105,6 +105,8 @@ def test_bad_operands_are_refused_with_a_message():
         cpu_dots.rows_dot(x, [jnp.ones((4, 8))])
     with pytest.raises(ValueError, match=r"float32/bfloat16"):
         cpu_dots.rows_dot(x, [jnp.ones((4, 16), jnp.float16)])
+    with pytest.raises(ValueError, match="no weights"):
+        cpu_dots.rows_dot(x, [])
 
 
 def test_no_compiler_gives_a_clear_error(tmp_path, monkeypatch):
