@@ -226,10 +226,16 @@ def _kernel_norm(x: jax.Array, norm: dict | None, eps: float) -> tuple[jax.Array
     """
     if norm is None:
         return x, None
-    weights = (norm["bias"], norm.get("scale"))
-    if x.dtype == jnp.float32 and all(w is None or w.dtype == jnp.float32 for w in weights):
+    weights = _f32_norm(norm)
+    if x.dtype == jnp.float32 and weights is not None:
         return x, weights
     return layer_norm(x, norm, eps), None
+
+
+def _f32_norm(norm: dict) -> tuple | None:
+    """A norm's (bias, scale or None) for a `cpu_dots` call, if all are float32 (else None)."""
+    weights = (norm["bias"], norm.get("scale"))
+    return weights if all(w is None or w.dtype == jnp.float32 for w in weights) else None
 
 
 def _dense_many(x: jax.Array, ws: Sequence[jax.Array | OutMajor], norm: dict | None = None,
@@ -264,9 +270,8 @@ def _add_dense(h: jax.Array, x: jax.Array, w: jax.Array | OutMajor, pre: dict | 
     (`cpu_dots`) with float32 h takes both norms and the add in its call (each norm
     otherwise ~5 small XLA ops, the add one more: ~0.5 ms of a DALL-E Mini step).
     """
-    post_w = None if post is None else (post["bias"], post.get("scale"))
-    if (_one_job(w) and h.dtype == jnp.float32
-            and (post_w is None or all(a is None or a.dtype == jnp.float32 for a in post_w))):
+    post_w = None if post is None else _f32_norm(post)
+    if _one_job(w) and h.dtype == jnp.float32 and (post is None or post_w is not None):
         x, pre_w = _kernel_norm(x, pre, eps)
         y = cpu_dots.rows_dot(x.reshape(-1, x.shape[-1]), [w.parts[0]], norm=pre_w, eps=eps, post=post_w,
                               residual=h.reshape(-1, h.shape[-1]))[0]
@@ -549,7 +554,7 @@ class DalleBart(nnx.Module):
             return _decoder_layer(cfg, p, h, attend, cross), None
 
         h, _ = jax.lax.scan(self._maybe_remat(body), h, _values(self.dec_layers))
-        return self._logits(self._final(h, self.dec_final))
+        return self._logits(h)
 
     # ---- KV-cached decoding ---------------------------------------------------------
     def init_cache(self, enc: jax.Array, attention_mask: jax.Array) -> DecodeCache:
@@ -654,12 +659,7 @@ class DalleBart(nnx.Module):
 
             p = _layer_slice(stacked, l) if layers is None else layers[l]
             h = _decoder_layer(cfg, p, h, attend, cross)
-        if head is not None and _one_job(head):  # the final norm in the head's call
-            x, norm = _kernel_norm(h, None if self.dec_final is None else _values(self.dec_final),
-                                   cfg.layer_norm_eps)
-            logits = cpu_dots.rows_dot(x[:, 0], [head.parts[0]], norm=norm, eps=cfg.layer_norm_eps)[0]
-        else:
-            logits = self._logits(self._final(h, self.dec_final), head)[:, 0]
+        logits = self._logits(h, head)[:, 0]
         cache = dataclasses.replace(cache, self_k=self_k, self_v=self_v)
         return logits, cache
 
@@ -668,7 +668,15 @@ class DalleBart(nnx.Module):
         return h if norm is None else layer_norm(h, _values(norm), self.config.layer_norm_eps)
 
     def _logits(self, h: jax.Array, head: OutMajor | None = None) -> jax.Array:
-        logits = _dense_f32("bsd,dv->bsv", h, self.lm_head[...] if head is None else head)
+        """float32 logits of the decoder's last hidden states [B, S, D], its final norm
+        first (in a threaded head's `cpu_dots` call when it can take it)."""
+        norm, eps = self.dec_final, self.config.layer_norm_eps
+        if head is not None and _one_job(head):
+            x, weights = _kernel_norm(h, None if norm is None else _values(norm), eps)
+            logits = cpu_dots.rows_dot(x.reshape(-1, x.shape[-1]), [head.parts[0]], norm=weights, eps=eps)[0]
+            logits = logits.reshape(h.shape[:-1] + (-1,))
+        else:
+            logits = _dense_f32("bsd,dv->bsv", self._final(h, norm), self.lm_head[...] if head is None else head)
         return constrain(logits, ("act_batch", "act_len", "act_vocab"))
 
     def _maybe_remat(self, body):
