@@ -13,7 +13,8 @@
 // whole of every dot.
 //
 // Built at run time by cpu_dots.py with the machine's compiler (-O3 -march=native);
-// GCC/Clang vector extensions, so the same source vectorises for AVX-512, AVX2 or NEON.
+// GCC/Clang vector extensions as wide as the machine's registers (kVecBytes), so the
+// same source vectorises for AVX-512, AVX2, SSE or NEON.
 
 #include <algorithm>
 #include <atomic>
@@ -37,15 +38,29 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;     // floats per vector (64 bytes: 1 AVX-512 register, 2 AVX2, 4 NEON)
-constexpr int kRows = 4;       // rows of W multiplied together (4 streams of W in flight)
-constexpr int kMaxChunk = 6;   // rows of x per pass over a block of W (registers: kRows * chunk accumulators)
-constexpr int kPrefetch = 256; // elements of W ahead to prefetch (1 KiB of f32)
+// One vector is one register of the machine: 64 bytes with AVX-512, 32 with AVX/AVX2,
+// 16 otherwise (SSE, NEON). Wider than the registers, GCC splits every vector op
+// through memory: with 64-byte vectors on an AVX2 machine (AMD EPYC 7xx3) the products
+// read 6 GB/s on one core, against 15 GB/s with 32-byte ones (measured, see the note
+// on issue 3).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+constexpr int kLanes = kVecBytes / 4;  // floats per vector
+constexpr int kRegisters = kVecBytes == 64 ? 32 : 16;  // vector registers (x86-64; NEON has 32, fewer is safe)
+constexpr int kRows = 4;  // rows of W multiplied together (4 streams of W in flight)
+// Rows of x per pass over a block of W: kRows * chunk accumulators, chunk rows of x and
+// one of W in registers (6 with 32 registers, 3 with 16).
+constexpr int kMaxChunk = (kRegisters - 1) / (kRows + 1);
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf_u __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t vh_u __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(kVecBytes)));
+typedef float vf_u __attribute__((vector_size(kVecBytes), aligned(4)));
+typedef uint16_t vh_u __attribute__((vector_size(kVecBytes / 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(kVecBytes)));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 
@@ -72,7 +87,7 @@ inline float sum_lanes(vf v) {
 
 // y[m, n] for rows n in [n, n + R) of W and rows m in [m0, m0 + C) of x.
 template <typename T, int R, int C>
-void block(const T* w, const float* x, float* y, int64_t N, int64_t K, int64_t n, int64_t m0, bool prefetch) {
+void block(const T* w, const float* x, float* y, int64_t N, int64_t K, int64_t n, int64_t m0) {
   vf acc[R][C];
   for (int i = 0; i < R; ++i)
     for (int c = 0; c < C; ++c) acc[i][c] = vf{};
@@ -80,8 +95,6 @@ void block(const T* w, const float* x, float* y, int64_t N, int64_t K, int64_t n
   for (int i = 0; i < R; ++i) rows[i] = w + (n + i) * K;
   const int64_t k16 = K - K % kLanes;
   for (int64_t k = 0; k < k16; k += kLanes) {
-    if (prefetch)
-      for (int i = 0; i < R; ++i) __builtin_prefetch(rows[i] + k + kPrefetch);
     vf xv[C];
     for (int c = 0; c < C; ++c) xv[c] = load(x + (m0 + c) * K + k);
     for (int i = 0; i < R; ++i) {
@@ -97,19 +110,21 @@ void block(const T* w, const float* x, float* y, int64_t N, int64_t K, int64_t n
     }
 }
 
+// `block` for the C rows of x at m0 (C <= kMaxChunk, a compile-time width each).
+template <typename T, int R, int C = kMaxChunk>
+void pass(const T* w, const float* x, float* y, int64_t N, int64_t K, int64_t n, int64_t m0, int64_t c) {
+  if constexpr (C > 1)
+    if (c < C) return pass<T, R, C - 1>(w, x, y, N, K, n, m0, c);
+  block<T, R, C>(w, x, y, N, K, n, m0);
+}
+
+// Rows [n, n + R) of W by all M rows of x: passes of kMaxChunk rows, the later ones
+// finding this block of W in cache. No software prefetch: the hardware's stream
+// prefetchers keep up with these few linear streams (a prefetch 1 KiB ahead per row
+// cost 10-20 % on the AVX2 machine; on the AVX-512 one it was within noise).
 template <typename T, int R>
 void rows_block(const T* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxChunk) {
-    const bool first = m0 == 0;  // later passes find this block of W in cache
-    switch (std::min<int64_t>(kMaxChunk, M - m0)) {
-      case 1: block<T, R, 1>(w, x, y, N, K, n, m0, first); break;
-      case 2: block<T, R, 2>(w, x, y, N, K, n, m0, first); break;
-      case 3: block<T, R, 3>(w, x, y, N, K, n, m0, first); break;
-      case 4: block<T, R, 4>(w, x, y, N, K, n, m0, first); break;
-      case 5: block<T, R, 5>(w, x, y, N, K, n, m0, first); break;
-      default: block<T, R, kMaxChunk>(w, x, y, N, K, n, m0, first); break;
-    }
-  }
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxChunk) pass<T, R>(w, x, y, N, K, n, m0, std::min<int64_t>(kMaxChunk, M - m0));
 }
 
 template <typename T>
@@ -530,14 +545,16 @@ ffi::Error GeluGlu(ffi::AnyBuffer x, ffi::AnyBuffer norm_bias, ffi::AnyBuffer no
 
 // ---- Attention of one query per row over a decode cache --------------------------------
 
-typedef int32_t vi __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(kVecBytes)));
 
-inline float sum16(vf v) {
-  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  return v[0];
+// The lanes' sum as a tree: lane i + lane i + half, halving (16 lanes: the order of the
+// shuffles this replaced, so AVX-512 results are unchanged).
+inline float sum_tree(vf v) {
+  float a[kLanes];
+  std::memcpy(a, &v, sizeof(a));
+  for (int half = kLanes / 2; half > 0; half /= 2)
+    for (int i = 0; i < half; ++i) a[i] += a[i + half];
+  return a[0];
 }
 
 // exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r), |r| <= ln2 / 2, p of
@@ -586,7 +603,7 @@ void attend_row(const float* q, const T* k, const T* v, const uint8_t* valid, in
     const T* kj = k + j * D;
     vf acc = vf{};
     for (int64_t i = 0; i < V; ++i) acc += qv[i] * load(kj + i * kLanes);
-    const float sj = sum16(acc);
+    const float sj = sum_tree(acc);
     w[m] = sj;
     idx[m++] = int32_t(j);
     top = std::max(top, sj);
