@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     from jax._src import profiler as jax_profiler
     from jaxlib import _profiler
 
+    from dalle_mini_jax import cpu_dots
     from dalle_mini_jax.pipeline import DalleMini
     from dalle_mini_jax.sampling import SamplingSettings
 
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     total = sum(spent.values()) / 1e6 / args.steps
     print(f"{args.model_dir} {args.dtype}, {n} image(s), {args.steps} steps from position {args.begin}: "
           f"{wall_ms:.1f} ms a step (wall, profiled); ops {total:.1f} ms a step summed over the threads; "
-          f"the loop's body: {body_size(hlo)} instructions")
+          f"the loop's body: {body_size(hlo)} instructions; cpu_dots vectors: {cpu_dots.vector_bytes()} bytes")
     for (kind, src, shape), ns in spent.most_common(args.top):
         print(f"  {ns / 1e6 / args.steps:7.2f} ms  {kind:<28} {src:<22} {shape}")
     return 0

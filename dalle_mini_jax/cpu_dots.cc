@@ -744,6 +744,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DmjAttend, Attend,
 
 // Lets TableRows read `data` ([rows, dim] of dtype `src`) under `key`, rounded to
 // `round`. Returns 0 (nothing registered) for a dtype this build cannot convert.
+// The width of the kernel's vectors in bytes (64, 32 or 16: what it was compiled for).
+extern "C" int DmjVectorBytes() { return kVecBytes; }
+
 extern "C" int DmjTableRegister(int32_t key, const void* data, int64_t rows, int64_t dim, int32_t src,
                                 int32_t round) {
 #ifndef __FLT16_MAX__

@@ -124,6 +124,12 @@ def available() -> bool:
     return _state["ok"]
 
 
+def vector_bytes() -> int | None:
+    """The kernel's vector width in bytes (64 with AVX-512, 32 with AVX/AVX2, 16 else;
+    None when it is not available)."""
+    return _state["lib"].DmjVectorBytes() if available() else None
+
+
 def reason() -> str:
     """Why `available()` is False ('' when it is True)."""
     available()
@@ -147,6 +153,7 @@ def _load() -> tuple[bool, str]:
     lib.DmjTableRegister.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                      ctypes.c_int32, ctypes.c_int32]
     lib.DmjTableUnregister.argtypes = [ctypes.c_int32]
+    lib.DmjVectorBytes.restype = ctypes.c_int
     _state["lib"] = lib
     return True, ""
 

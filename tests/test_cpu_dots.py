@@ -3,8 +3,13 @@ first use), against XLA's own products, and the sampler's use of them."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import os
+import platform
+import subprocess
+import sys
 import threading
 
 import jax
@@ -269,3 +274,27 @@ def test_products_of_a_layer_norm_of_x(with_scale):
         cpu_dots.rows_dot(x, ws, residual=jnp.zeros((3, 5)))
     with pytest.raises(ValueError, match=r"residual must be float32 \[3, 40\]"):
         cpu_dots.rows_dot(x, ws[1:], residual=jnp.zeros((3, 5)))
+
+
+def _narrower_builds() -> list[tuple[str, int]]:
+    """(compiler flag, vector bytes) for each width narrower than this machine's kernel
+    that an x86 compiler can build here (a later -mno-* overrides -march=native)."""
+    if platform.machine() not in ("x86_64", "AMD64") or not cpu_dots.available():
+        return []
+    return [(flag, width) for flag, width in (("-mno-avx512f", 32), ("-mno-avx", 16))
+            if width < cpu_dots.vector_bytes()]
+
+
+@pytest.mark.parametrize("flag,width", _narrower_builds())
+def test_narrower_vectors_compute_the_same(flag, width, tmp_path):
+    """The kernel's vectors are as wide as the machine's registers, so CI runs only its
+    own width: here the kernel is built with narrower ones (16 bytes: SSE, the width of
+    NEON on ARM laptops; 32: AVX2 on an AVX-512 machine) and the product, attention,
+    GLU and norm tests run against it in a fresh process."""
+    env = dict(os.environ, CXX=f"{os.environ.get('CXX', 'c++')} {flag}", DALLE_MINI_JAX_CACHE=str(tmp_path))
+    tests = "rows_dot_matches or attend_matches or gelu_glu_matches or erf_of or layer_norm_of_x"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    (lib,) = tmp_path.glob("cpu_dots-*.so")
+    assert ctypes.CDLL(str(lib)).DmjVectorBytes() == width
