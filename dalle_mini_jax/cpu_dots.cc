@@ -121,7 +121,8 @@ void pass(const T* w, const float* x, float* y, int64_t N, int64_t K, int64_t n,
 // Rows [n, n + R) of W by all M rows of x: passes of kMaxChunk rows, the later ones
 // finding this block of W in cache. No software prefetch: the hardware's stream
 // prefetchers keep up with these few linear streams (a prefetch 1 KiB ahead per row
-// cost 10-20 % on the AVX2 machine; on the AVX-512 one it was within noise).
+// made no difference that could be told from the noise, on the AVX-512 machine or on
+// the AVX2 one: `benchmarks/cpu_dots_rate.py`, alternating builds).
 template <typename T, int R>
 void rows_block(const T* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxChunk) pass<T, R>(w, x, y, N, K, n, m0, std::min<int64_t>(kMaxChunk, M - m0));

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -298,3 +299,22 @@ def test_narrower_vectors_compute_the_same(flag, width, tmp_path):
     assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
     (lib,) = tmp_path.glob("cpu_dots-*.so")
     assert ctypes.CDLL(str(lib)).DmjVectorBytes() == width
+
+
+def test_rate_benchmark_reports_the_products_read_rate(capsys):
+    """benchmarks/cpu_dots_rate.py on small weights: its JSON line, every rate positive,
+    the time consistent with the rate and the bytes it read."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cpu_dots_rate
+
+    assert cpu_dots_rate.main(["--rows", "2", "5", "--weights", "3", "--shape", "40", "24", "--runs", "2",
+                               "--gib", "0.004", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["vector_bytes"] == cpu_dots.vector_bytes() and out["weights"] == 3
+    assert set(out["rows"]) == {"2", "5"}
+    for r in out["rows"].values():
+        assert r["ms"] > 0 and r["gb_s"] > 0 and r["plain_gb_s"] > 0
+        assert r["gb_s"] == pytest.approx(3 * 40 * 24 * 4 / (r["ms"] / 1e3) / 1e9)
+        assert r["plain_over_kernel"] == pytest.approx(r["plain_gb_s"] / r["gb_s"])
