@@ -32,6 +32,10 @@
 
 #include <unistd.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -65,10 +69,19 @@ typedef uint32_t vu __attribute__((vector_size(kVecBytes)));
 inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 
 inline vf load(const uint16_t* p) {  // bfloat16 bits -> float32: the bits are the top half
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // GCC 12 widens the generic way below in 4 shuffles (two 128-bit halves and an insert);
+  // vpmovzxwd does it in one. bf16 products (2 rows of x) on the AVX2 machine, the two
+  // alternating twice: 13.4 / 11.4 GB/s that way, 16.9 / 14.1 this way
+  // (`benchmarks/cpu_dots_rate.py --dtype bfloat16 --rows 2`); the same bits.
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vf>(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)));
+#else
   vu wide = __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vu) << 16;
   vf out;
   std::memcpy(&out, &wide, sizeof(out));
   return out;
+#endif
 }
 
 inline float scalar(float v) { return v; }
