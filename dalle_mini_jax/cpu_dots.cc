@@ -44,9 +44,9 @@ namespace {
 
 // One vector is one register of the machine: 64 bytes with AVX-512, 32 with AVX/AVX2,
 // 16 otherwise (SSE, NEON). Wider than the registers, GCC splits every vector op
-// through memory: with 64-byte vectors on an AVX2 machine (AMD EPYC 7xx3) the products
-// read 6 GB/s on one core, against 15 GB/s with 32-byte ones (measured, see the note
-// on issue 3).
+// through memory: with 64-byte vectors on an AVX2 machine (AMD EPYC, Zen 3) one guided
+// image's products read 10-13 GB/s on both cores, with 32-byte ones 25-26
+// (`benchmarks/cpu_dots_rate.py`, the two builds alternating).
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 #elif defined(__AVX__)
@@ -134,8 +134,8 @@ void pass(const T* w, const float* x, float* y, int64_t N, int64_t K, int64_t n,
 // Rows [n, n + R) of W by all M rows of x: passes of kMaxChunk rows, the later ones
 // finding this block of W in cache. No software prefetch: the hardware's stream
 // prefetchers keep up with these few linear streams (a prefetch 1 KiB ahead per row
-// made no difference that could be told from the noise, on the AVX-512 machine or on
-// the AVX2 one: `benchmarks/cpu_dots_rate.py`, alternating builds).
+// made no difference that could be told from the noise: on the AVX-512 machine in a
+// scratch harness, on the AVX2 one with `benchmarks/cpu_dots_rate.py`, alternating builds).
 template <typename T, int R>
 void rows_block(const T* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxChunk) pass<T, R>(w, x, y, N, K, n, m0, std::min<int64_t>(kMaxChunk, M - m0));
