@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import memory_bandwidth  # noqa: E402
+from generate import _median_runs, memory_bandwidth  # noqa: E402
 
 
 def product_chain(num_weights: int, n: int, k: int, rows: int, dtype: str, threads: int | None, runs: int) -> dict:
@@ -50,13 +48,8 @@ def product_chain(num_weights: int, n: int, k: int, rows: int, dtype: str, threa
             x = x.at[:, :width].add(y[:, :width] * 1e-9)  # the next product waits for this one
         return x
 
-    chain(x, ws).block_until_ready()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        chain(x, ws).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return {"s": statistics.median(times), "bytes": sum(w.nbytes for w in ws)}
+    seconds, _ = _median_runs(lambda: chain(x, ws).block_until_ready(), runs)
+    return {"s": seconds, "bytes": sum(w.nbytes for w in ws)}
 
 
 def main(argv=None) -> int:
