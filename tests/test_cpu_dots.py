@@ -318,3 +318,32 @@ def test_rate_benchmark_reports_the_products_read_rate(capsys):
         assert r["ms"] > 0 and r["gb_s"] > 0 and r["plain_gb_s"] > 0
         assert r["gb_s"] == pytest.approx(3 * 40 * 24 * 4 / (r["ms"] / 1e3) / 1e9)
         assert r["plain_over_kernel"] == pytest.approx(r["plain_gb_s"] / r["gb_s"])
+
+
+def test_ab_benchmark_times_versions_in_one_process(tmp_path, capsys):
+    """benchmarks/cpu_dots_ab.py on small weights: two copies of this kernel (f32 weights;
+    bf16 ones on both kinds of pages) give the same products and a JSON line with every
+    version on every set of weights; a version whose products differ is refused, naming it."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cpu_dots_ab
+
+    source = cpu_dots.SOURCE.read_text()
+    wrong = tmp_path / "wrong.cc"
+    line = "      y[(m0 + c) * N + n + i] = s;"
+    assert line in source
+    wrong.write_text(source.replace(line, "      y[(m0 + c) * N + n + i] = s + 1.f;"))
+    small = ["--weights", "3", "--shape", "40", "24", "--rounds", "2", "--json"]
+    both = ["a 4k", "a huge", "b 4k", "b huge"]
+    for dtype, pages, names in (("float32", "4k", ["a", "b"]), ("bfloat16", "both", both)):
+        assert cpu_dots_ab.main([f"a={cpu_dots.SOURCE}", f"b={cpu_dots.SOURCE}", "--dtype", dtype, "--pages", pages,
+                                 *small]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert list(out["versions"]) == names and out["dtype"] == dtype
+        assert list(out["plain_gb_s"]) == pages.replace("both", "4k huge").split()
+        assert min(out["plain_gb_s"].values()) > 0 and out["versions"][names[0]]["time_over_first"] == 1.0
+        for r in out["versions"].values():
+            assert r["gb_s"] > 0 and r["plain_over_kernel"] > 0
+    assert cpu_dots_ab.main([str(cpu_dots.SOURCE), f"wrong={wrong}", *small]) == 1
+    assert "MISMATCH wrong" in capsys.readouterr().err
