@@ -145,11 +145,11 @@ void pass(const T* w, const float* x, float* y, int64_t N, int64_t K, int64_t n,
 // hardware's stream prefetchers start each one cold; prefetched a block ahead, each
 // row's first lines are on their way before it starts. Without and with, in one process
 // (`benchmarks/cpu_dots_ab.py 3c6f434 14ac667 --rounds 20`, the AVX2 machine,
-// 2026-12-04): time with / without, f32 0.974 (2 rows of x) and 0.990 (18 rows), bf16
-// 0.891 and 0.891. (`cpu_dots_rate.py`, one kernel per process, had shown f32 gaining
-// as much as bf16: 1.24 -> 1.11 of the plain read, six runs each; the machine's read
-// moves more than that between processes.) A prefetch 1 KiB ahead within the row made
-// no difference that could be told from the noise.
+// 2026-12-04): time with / without, bf16 0.864 (2 rows of x) and 0.884 (18 rows); f32
+// 0.999 and 0.986, within the noise. (`cpu_dots_rate.py`, one kernel per process, had
+// shown f32 gaining too, 1.24 -> 1.11 of the plain read in six runs each: the machine's
+// read moves more than that between processes.) Neither a prefetch 1 KiB ahead within
+// the row, two blocks ahead, nor across the chunk's end did better (`cpu_dots_ab.py`).
 template <typename T, int R>
 void rows_block(const T* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n, bool ahead) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxChunk)
