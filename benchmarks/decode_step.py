@@ -1,7 +1,7 @@
 """Decode-step time by the layout of the decoder's dense kernels: an A/B in one process.
 
     python benchmarks/decode_step.py DIR [--images 1 9] [--dtype float32] [--steps 256] [--runs 3]
-        [--layouts in-out one-part parts parts-head threaded]
+        [--layouts in-out one-part parts parts-head threaded threaded-huge]
 
 DIR is a model directory, e.g. the random DALL-E Mini one that `python
 benchmarks/generate.py --preset mini --only ours1 --runs 1 --workdir W` leaves in
@@ -18,7 +18,9 @@ per-layer kernels in (`sampling.split_decoder_layers(parts=, threaded=)`), `--la
   threaded    threaded + head (+ host table): one [out, in] part per kernel and
               lm_head, multiplied by `cpu_dots.rows_dot` on all cores, attention by
               `cpu_dots.attend` (`sampling.dot_layout`: what a pipeline's sampler holds
-              on a CPU for DALL-E Mini when the kernel builds),
+              on a CPU for DALL-E Mini when the kernel builds);
+  threaded-huge  threaded, its weights then moved onto 2 MiB pages (`onto_huge_pages`
+              below; it prints how much moved and how long that took),
 
 it runs the first `--steps` guided decode steps (top-k 50, guidance 10, a random
 prompt; by default all of them: with `cpu_dots` a step reads only the cache positions
@@ -41,7 +43,39 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-LAYOUTS = ("in-out", "one-part", "parts", "parts-head", "threaded")  # in the order they run
+LAYOUTS = ("in-out", "one-part", "parts", "parts-head", "threaded", "threaded-huge")  # in the order they run
+
+
+_MADV_COLLAPSE = 25  # linux/mman.h (Linux 6.1+)
+
+
+def onto_huge_pages(arrays) -> int:
+    """Move the whole 2 MiB pages inside each array's host buffer onto transparent huge
+    pages (madvise MADV_COLLAPSE: copied at once, whatever the THP setting); returns the
+    bytes moved (0 where the kernel or libc cannot). The first and last partial huge
+    page of each buffer stay on 4 KiB pages: a [1024, 1024] f32 kernel (4 MiB, not
+    2 MiB-aligned) moves only 2 MiB.
+
+    Why in a benchmark: the floor in `generate.py` is measured on a numpy array, which
+    numpy puts on huge pages, and `cpu_dots_ab.py --pages both` reads weights on them
+    ~2 % faster; this layout measures what that is worth to a whole decode step.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            huge = int(f.read())
+    except (OSError, ValueError):
+        return 0
+    libc.madvise.argtypes, libc.madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    moved = 0
+    for a in arrays:
+        start = a.unsafe_buffer_pointer()
+        lo, hi = -(-start // huge) * huge, (start + a.nbytes) // huge * huge
+        if hi > lo and libc.madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
+            moved += hi - lo
+    return moved
 
 
 def main(argv=None) -> int:
@@ -71,12 +105,14 @@ def main(argv=None) -> int:
     mask = np.ones_like(ids)
     cores = kernel_parts()
     steps = args.steps or cfg.image_len
-    # (parts, lm_head split too, threaded)
-    chosen = {"in-out": (0, False, False), "one-part": (1, False, False), "parts": (cores, False, False),
-              "parts-head": (cores, True, False), "threaded": (1, True, True)}
+    # (parts, lm_head split too, threaded, on huge pages)
+    chosen = {"in-out": (0, False, False, False), "one-part": (1, False, False, False),
+              "parts": (cores, False, False, False), "parts-head": (cores, True, False, False),
+              "threaded": (1, True, True, False), "threaded-huge": (1, True, True, True)}
     layouts = list(dict.fromkeys(chosen[name] for name in LAYOUTS if name in args.layouts))
-    if (1, True, True) in layouts and not (cpu_dots.supports(model.dtype) and cpu_dots.available()):
-        layouts.remove((1, True, True))
+    threaded_ok = cpu_dots.supports(model.dtype) and cpu_dots.available()
+    if not threaded_ok and any(threaded for _, _, threaded, _ in layouts):
+        layouts = [layout for layout in layouts if not layout[2]]
         print(f"no threaded layout: {cpu_dots.reason() or f'{args.dtype} weights'}")
     print(f"{args.model_dir} {args.dtype}, {kernel_parts()} core(s); ms per decode step, median of {args.runs}")
     # Every layout is held at once and the runs alternate between them (run r of each,
@@ -85,13 +121,18 @@ def main(argv=None) -> int:
     table = np.asarray(jax.device_get(model.dec_embed.tokens[...]))
     host = HostTable.register(sampler, table, model.dtype)
     held = []  # (name, layers, head, token source)
-    for parts, split, threaded in layouts:
+    for parts, split, threaded, huge in layouts:
         layers = split_decoder_layers(model, parts=parts, threaded=threaded)
-        name = "threaded" if threaded else f"parts {parts}"
+        name = ("threaded" if threaded else f"parts {parts}") + (", huge pages" if huge else "")
         if not split:
             held.append((name, layers, None, None))
             continue
         head = OutMajor(_unstack(lm[None], parts)[0], threaded)  # as `split_head` cuts it
+        if huge:
+            t = time.perf_counter()
+            moved = onto_huge_pages(jax.tree.leaves((layers, head)))
+            print(f"{name}: {moved / 2**20:.0f} MiB of weights moved onto huge pages in "
+                  f"{time.perf_counter() - t:.2f} s")
         held.append((name + " + head", layers, head, None))
         held.append((name + " + head + host table", layers, head, host))
     results: dict[int, list[tuple[str, float, list[float]]]] = {n: [] for n in args.images}
