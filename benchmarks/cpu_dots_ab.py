@@ -24,6 +24,13 @@ still while the machine does not.
 `generate.memory_bandwidth` reads is: numpy asks for them for large arrays), each with
 its own plain read.
 
+The versions take turns in a rotating order (round r starts with version r mod the
+count), so none always runs after the same one. Keep the weights well beyond the
+last-level cache (the default, 60 of 11 MB): with a few weights, what one call leaves
+in the cache decides the next call's time. Two copies of one kernel (`a=HEAD b=HEAD`)
+show the resolution: on the AMD EPYC 2-core machine (2026-12-04) 0.996 with 60
+weights and 10 rounds, 0.973 and 1.033 with 16 and 4 weights and 20 rounds.
+
 Before timing, every version's products are checked against the first's. The kernel's
 FFI handlers are not compiled in: this times its products and pool, not XLA's call.
 """
@@ -189,8 +196,9 @@ int main(int argc, char** argv) {
   for (int r = 0; r <= rounds; ++r) {  // round 0: warm-up, not printed
     printf("round %d", r);
     for (int s = 0; s < S; ++s) timed(("plain" + std::to_string(s)).c_str(), [&] { plain(sets[s], bytes); });
-    for (int p = 0; p < P; ++p)
+    for (int q = 0; q < P; ++q)  // each round starts with the next version: no version always follows another
       for (int s = 0; s < S; ++s) {
+        const int p = (q + r) % P;
         timed(std::to_string(p * S + s).c_str(), [&] { kChains[p](sets[s], x, y, M, N, K, bf16); });
         // The version just timed leaves its pool's worker spinning for ~1 ms: let it sleep.
         std::this_thread::sleep_for(std::chrono::milliseconds(3));
