@@ -27,9 +27,11 @@ its own plain read.
 The versions take turns in a rotating order (round r starts with version r mod the
 count), so none always runs after the same one. Keep the weights well beyond the
 last-level cache (the default, 60 of 11 MB): with a few weights, what one call leaves
-in the cache decides the next call's time. Two copies of one kernel (`a=HEAD b=HEAD`)
-show the resolution: on the AMD EPYC 2-core machine (2026-12-04) 0.996 with 60
-weights and 10 rounds, 0.973 and 1.033 with 16 and 4 weights and 20 rounds.
+in the cache decides the next call's time. Copies of one kernel (`a=HEAD b=HEAD
+c=HEAD`) show the resolution: on the AMD EPYC 2-core machine (2026-12-04), with the
+default 60 weights and 20 rounds, 0.960 to 1.018 of the first copy's time in f32 and
+0.977 to 0.983 in bf16, so differences under ~4 % are not told apart (the copies'
+code lies at different addresses, one possible reason).
 
 Before timing, every version's products are checked against the first's. The kernel's
 FFI handlers are not compiled in: this times its products and pool, not XLA's call.
