@@ -14,10 +14,11 @@ minute to the next, more than most kernel changes, and one process holds one ker
 included) are compiled into one program, each in a namespace of its own with its own
 thread pool, and every round times each version's chain (`--weights` products of x
 [M, K] by weights [N, K] in a row, each waiting for the one before, as a decode step
-calls them; two timed calls after an untimed one) and a plain read of the same weights
-on two threads. Each version's time is divided by the first version's and by the plain
-read's within the round, and the medians over rounds are printed: the ratios hold
-still while the machine does not.
+calls them; two timed calls after an untimed one) and a plain read of the same weights,
+both on `--threads` threads (default: every core, as the pipeline's products). Each
+version's time is divided by the first version's and by the plain read's within the
+round, and the medians over rounds are printed: the ratios hold still while the
+machine does not.
 
 `--pages both` runs every version on two sets of the same weights, one on 4 KiB pages
 (as XLA's buffers are) and one on 2 MiB transparent huge pages (as the numpy array that
@@ -41,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -79,6 +78,7 @@ _PRELUDE = """\
 #include "xla/ffi/api/ffi.h"
 
 typedef void (*Chain)(const std::vector<void*>&, float*, float*, int64_t, int64_t, int64_t, bool);
+int g_threads = 1;  // threads per product and for the plain read (set by main)
 """
 
 # Per version: its chain of products, each product's x made to wait for the last product.
@@ -86,15 +86,15 @@ _CHAIN = """
 void chain(const std::vector<void*>& ws, float* x, float* y, int64_t M, int64_t N, int64_t K, bool bf16) {
   for (void* w : ws) {
     std::vector<Weight> one{Weight{w, bf16, y, N}};
-    run_rows(one, x, M, K, 2);
+    run_rows(one, x, M, K, g_threads);
     x[0] += y[0] * 1e-9f;
   }
 }
 """
 
 _MAIN = r"""
-// Both threads sum their half of every weight (no barrier between weights): the read
-// the products are measured against.
+// Each of g_threads threads sums its share of every weight (no barrier between weights):
+// the read the products are measured against.
 double plain_sum(const std::vector<void*>& ws, int64_t lo, int64_t hi) {
   typedef float v8 __attribute__((vector_size(32), aligned(4)));
   v8 acc[8] = {};
@@ -111,11 +111,18 @@ double plain_sum(const std::vector<void*>& ws, int64_t lo, int64_t hi) {
 }
 
 void plain(const std::vector<void*>& ws, int64_t bytes) {
-  const int64_t floats = bytes / 4, half = floats / 2 / 64 * 64;
-  volatile double a = 0, b = 0;
-  std::thread t([&] { b = plain_sum(ws, half, floats); });
-  a = plain_sum(ws, 0, half);
-  t.join();
+  const int64_t floats = bytes / 4, T = g_threads;
+  std::vector<double> sums(size_t(T), 0.0);
+  auto share = [&](int64_t t) {  // [lo, hi) of thread t, whole 64-float groups but the last
+    const int64_t lo = floats * t / T / 64 * 64, hi = t + 1 == T ? floats : floats * (t + 1) / T / 64 * 64;
+    sums[size_t(t)] = plain_sum(ws, lo, hi);
+  };
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < T; ++t) helpers.emplace_back(share, t);
+  share(0);
+  for (std::thread& h : helpers) h.join();
+  volatile double keep = 0;  // the sums are used: the reads are not optimised away
+  for (double v : sums) keep = keep + v;
 }
 
 double seconds(const std::function<void()>& f) {
@@ -162,16 +169,17 @@ void timed(const char* label, const std::function<void()>& f) {
   printf(" | %s", label);
   for (int rep = 0; rep < 3; ++rep) {
     const double s = seconds(f);
-    if (rep) printf(" %.6f", s);  // the first call of each is not timed
+    if (rep) printf(" %.9f", s);  // the first call of each is not timed (ns: a tiny read is < 1 us)
   }
 }
 
 int main(int argc, char** argv) {
-  // argv: rounds M N K weights bf16 pages (0: 4 KiB, 1: huge, 2: both)
+  // argv: rounds M N K weights bf16 pages (0: 4 KiB, 1: huge, 2: both) threads
   const int rounds = atoi(argv[1]);
   const int64_t M = atoll(argv[2]), N = atoll(argv[3]), K = atoll(argv[4]), NW = atoll(argv[5]);
   const bool bf16 = atoi(argv[6]);
   const int pages = atoi(argv[7]);
+  g_threads = atoi(argv[8]);
   const int64_t bytes = N * K * (bf16 ? 2 : 4);
   std::vector<std::vector<void*>> sets;
   if (pages != 1) sets.push_back(make_weights(NW, N, K, bf16, false));
@@ -294,16 +302,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--weights", type=int, default=60)
     p.add_argument("--shape", type=int, nargs=2, default=[2730, 1024], metavar=("N", "K"))
+    p.add_argument("--threads", type=int, default=None, help="threads per product and read (default: all cores)")
     p.add_argument("--pages", default="4k", choices=list(_PAGES),
                    help="the weights on 4 KiB pages, on 2 MiB (transparent huge) pages, or each version on both")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.rows < 1 or args.rounds < 1 or args.weights < 1 or min(args.shape) < 1:
-        p.error("--rows, --rounds, --weights and --shape must be positive")
+    if args.rows < 1 or args.rounds < 1 or args.weights < 1 or min(args.shape) < 1 or (args.threads or 1) < 1:
+        p.error("--rows, --rounds, --weights, --shape and --threads must be positive")
     if not args.versions:
         p.error("name at least one version")
-
-    import jax
 
     from dalle_mini_jax import cpu_dots
 
@@ -311,32 +318,30 @@ def main(argv=None) -> int:
     for v in args.versions:
         name, _, ref = v.rpartition("=")
         versions.append((name or ref, kernel_source(ref)))
-    compiler = shlex.split(os.environ.get("CXX", "c++"))
-    flags = [f for f in cpu_dots._FLAGS if f not in ("-shared", "-fPIC")]
+    threads = args.threads or cpu_dots.cpu_cores()
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "ab.cc", Path(tmp) / "ab"
         src.write_text(program(versions))
-        build = subprocess.run(compiler + flags + ["-I", jax.ffi.include_dir(), str(src), "-o", str(exe)],
-                               capture_output=True, text=True)
+        build = subprocess.run(cpu_dots.compile_command(src, exe, library=False), capture_output=True, text=True)
         if build.returncode:
             print(f"compiling the versions failed:\n{build.stderr[-3000:]}", file=sys.stderr)
             return 1
         n, k = args.shape
         pages, set_names = _PAGES[args.pages]
         run = subprocess.run([str(exe), str(args.rounds), str(args.rows), str(n), str(k), str(args.weights),
-                              str(int(args.dtype == "bfloat16")), str(pages)], capture_output=True, text=True)
+                              str(int(args.dtype == "bfloat16")), str(pages), str(threads)],
+                             capture_output=True, text=True)
     if run.returncode:
         print(run.stdout[-2000:] + run.stderr[-2000:], file=sys.stderr)
         return 1
-    tag = len(set_names) > 1 or args.pages != "4k"
-    names = [f"{name} {s}" if tag else name for name, _ in versions for s in set_names]
+    names = [f"{name} {s}" if args.pages != "4k" else name for name, _ in versions for s in set_names]
     chain_bytes = args.weights * n * k * (2 if args.dtype == "bfloat16" else 4)
     out = summarise(parse_rounds(run.stdout), names, set_names, chain_bytes)
     huge_mb = int(re.search(r"^huge_kb (-?\d+)", run.stdout, re.M).group(1)) / 1024
     out.update(rows=args.rows, dtype=args.dtype, rounds=args.rounds, weights=args.weights, shape=args.shape,
-               pages=args.pages, huge_page_mb=huge_mb)
+               pages=args.pages, huge_page_mb=huge_mb, threads=threads)
     plain = ", ".join(f"{s} {r:.2f}" for s, r in out["plain_gb_s"].items())
-    print(f"{args.weights} weights [{n}, {k}] {args.dtype}, M={args.rows}, {args.rounds} rounds "
+    print(f"{args.weights} weights [{n}, {k}] {args.dtype}, M={args.rows}, {threads} thread(s), {args.rounds} rounds "
           f"(medians of {2 * args.rounds} calls each); plain read GB/s: {plain}")
     if args.pages != "4k":
         print(f"  the huge-page weights ({chain_bytes / 2**20:.0f} MiB, each rounded up to whole 2 MiB pages) "

@@ -57,8 +57,9 @@ def onto_huge_pages(arrays) -> int:
     2 MiB-aligned) moves only 2 MiB.
 
     Why in a benchmark: the floor in `generate.py` is measured on a numpy array, which
-    numpy puts on huge pages, and `cpu_dots_ab.py --pages both` reads weights on them
-    ~2 % faster; this layout measures what that is worth to a whole decode step.
+    numpy puts on huge pages, and `cpu_dots_ab.py --pages both` read weights on them
+    ~2 % faster (within that tool's resolution); this layout measures what it is worth
+    to a whole decode step.
     """
     import ctypes
 

@@ -149,7 +149,8 @@ void pass(const T* w, const float* x, float* y, int64_t N, int64_t K, int64_t n,
 // 0.999 and 0.986, within the noise. (`cpu_dots_rate.py`, one kernel per process, had
 // shown f32 gaining too, 1.24 -> 1.11 of the plain read in six runs each: the machine's
 // read moves more than that between processes.) Neither a prefetch 1 KiB ahead within
-// the row, two blocks ahead, nor across the chunk's end did better (`cpu_dots_ab.py`).
+// the row (`cpu_dots_rate.py`), nor two blocks ahead or across the chunk's end
+// (`cpu_dots_ab.py`) did better.
 template <typename T, int R>
 void rows_block(const T* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n, bool ahead) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxChunk)

@@ -82,20 +82,34 @@ def library_path(compiler: Sequence[str]) -> Path:
     return cache_dir() / f"cpu_dots-{h.hexdigest()[:16]}.so"
 
 
+def _compiler(compiler: Sequence[str] | None = None) -> list[str]:
+    """The C++ compiler's command: `compiler`, else `$CXX`, else `c++`."""
+    return list(compiler or shlex.split(os.environ.get("CXX", "c++")))
+
+
+def compile_command(source: Path, out: Path | str, compiler: Sequence[str] | None = None,
+                    library: bool = True) -> list[str]:
+    """The command that compiles `source` into `out` the way the kernel is compiled (the
+    machine's compiler, -O3 -march=native, jaxlib's FFI headers): a shared library, or a
+    program with `library=False` (`benchmarks/cpu_dots_ab.py` builds one around the kernel)."""
+    flags = [f for f in _FLAGS if library or f not in ("-shared", "-fPIC")]
+    return _compiler(compiler) + flags + ["-I", jax.ffi.include_dir(), str(source), "-o", str(out)]
+
+
 def build(compiler: Sequence[str] | None = None) -> Path:
     """Compile the kernel into the cache (if not there yet) and return the library.
 
     Raises RuntimeError with the compiler's message when it fails. Safe when several
     processes build at once: each compiles to its own file and renames it in place.
     """
-    compiler = list(compiler or shlex.split(os.environ.get("CXX", "c++")))
+    compiler = _compiler(compiler)
     out = library_path(compiler)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = compiler + list(_FLAGS) + ["-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = compile_command(SOURCE, tmp, compiler)
     try:
         run = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:

@@ -336,11 +336,12 @@ def test_ab_benchmark_times_versions_in_one_process(tmp_path, capsys):
     wrong.write_text(source.replace(line, "      y[(m0 + c) * N + n + i] = s + 1.f;"))
     small = ["--weights", "3", "--shape", "40", "24", "--rounds", "2", "--json"]
     both = ["a 4k", "a huge", "b 4k", "b huge"]
-    for dtype, pages, names in (("float32", "4k", ["a", "b"]), ("bfloat16", "both", both)):
+    for dtype, pages, names, threads in (("float32", "4k", ["a", "b"], cpu_dots.cpu_cores()),
+                                         ("bfloat16", "both", both, 1)):
         assert cpu_dots_ab.main([f"a={cpu_dots.SOURCE}", f"b={cpu_dots.SOURCE}", "--dtype", dtype, "--pages", pages,
-                                 *small]) == 0
+                                 *small, *(["--threads", "1"] if threads == 1 else [])]) == 0
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert list(out["versions"]) == names and out["dtype"] == dtype
+        assert list(out["versions"]) == names and out["dtype"] == dtype and out["threads"] == threads
         assert list(out["plain_gb_s"]) == pages.replace("both", "4k huge").split()
         assert min(out["plain_gb_s"].values()) > 0 and out["versions"][names[0]]["time_over_first"] == 1.0
         for r in out["versions"].values():
