@@ -1,7 +1,7 @@
 """Decode-step time by the layout of the decoder's dense kernels: an A/B in one process.
 
     python benchmarks/decode_step.py DIR [--images 1 9] [--dtype float32] [--steps 256] [--runs 3]
-        [--layouts in-out one-part parts parts-head threaded threaded-huge]
+        [--prompt-tokens 9] [--layouts in-out one-part parts parts-head threaded threaded-huge threaded-folded]
 
 DIR is a model directory, e.g. the random DALL-E Mini one that `python
 benchmarks/generate.py --preset mini --only ours1 --runs 1 --workdir W` leaves in
@@ -20,11 +20,16 @@ per-layer kernels in (`sampling.split_decoder_layers(parts=, threaded=)`), `--la
               `cpu_dots.attend` (`sampling.dot_layout`: what a pipeline's sampler holds
               on a CPU for DALL-E Mini when the kernel builds);
   threaded-huge  threaded, its weights then moved onto 2 MiB pages (`onto_huge_pages`
-              below; it prints how much moved and how long that took),
+              below; it prints how much moved and how long that took);
+  threaded-folded  threaded, the cross-attention folded with the prompt's keys/values
+              where that reads less (`transformer.fold_cross_attention`; what a
+              pipeline's sampler does with float32 weights); the others never fold,
 
 it runs the first `--steps` guided decode steps (top-k 50, guidance 10, a random
-prompt; by default all of them: with `cpu_dots` a step reads only the cache positions
-written so far, so its cost grows with the position) `--runs` times after a warm-up,
+prompt of `--prompt-tokens` real tokens, 9 by default as `generate.py`'s prompt, and
+an unconditional one of 2, as the tokenizer makes them; by default all the steps: with
+`cpu_dots` a step reads only the cache positions written so far, so its cost grows
+with the position) `--runs` times after a warm-up,
 all layouts alternating, and prints the median ms per step and the ratio to the first
 layout. Timings vary between runs on a shared machine: compare the ratios within one
 run.
@@ -43,7 +48,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-LAYOUTS = ("in-out", "one-part", "parts", "parts-head", "threaded", "threaded-huge")  # in the order they run
+LAYOUTS = ("in-out", "one-part", "parts", "parts-head", "threaded", "threaded-huge",
+           "threaded-folded")  # in the order they run
 
 
 _MADV_COLLAPSE = 25  # linux/mman.h (Linux 6.1+)
@@ -87,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="default: the model's image_len")
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=9, help="real tokens of the prompt (the rest padding)")
     args = p.parse_args(argv)
 
     import jax
@@ -103,13 +110,14 @@ def main(argv=None) -> int:
     settings = SamplingSettings(top_k=50, guidance=10.0)
     rng = np.random.default_rng(0)
     ids = rng.integers(4, cfg.text_vocab_size, (2, cfg.text_len)).astype(np.int32)  # prompt, uncond
-    mask = np.ones_like(ids)
+    mask = (np.arange(cfg.text_len) < np.asarray([[args.prompt_tokens], [2]])).astype(np.int32)
     cores = kernel_parts()
     steps = args.steps or cfg.image_len
-    # (parts, lm_head split too, threaded, on huge pages)
-    chosen = {"in-out": (0, False, False, False), "one-part": (1, False, False, False),
-              "parts": (cores, False, False, False), "parts-head": (cores, True, False, False),
-              "threaded": (1, True, True, False), "threaded-huge": (1, True, True, True)}
+    # (parts, lm_head split too, threaded, on huge pages, cross-attention folded)
+    chosen = {"in-out": (0, False, False, False, False), "one-part": (1, False, False, False, False),
+              "parts": (cores, False, False, False, False), "parts-head": (cores, True, False, False, False),
+              "threaded": (1, True, True, False, False), "threaded-huge": (1, True, True, True, False),
+              "threaded-folded": (1, True, True, False, True)}
     layouts = list(dict.fromkeys(chosen[name] for name in LAYOUTS if name in args.layouts))
     threaded_ok = cpu_dots.supports(model.dtype) and cpu_dots.available()
     if not threaded_ok and any(threaded for _, _, threaded, _ in layouts):
@@ -121,12 +129,16 @@ def main(argv=None) -> int:
     lm = model.lm_head[...]
     table = np.asarray(jax.device_get(model.dec_embed.tokens[...]))
     host = HostTable.register(sampler, table, model.dtype)
-    held = []  # (name, layers, head, token source)
-    for parts, split, threaded, huge in layouts:
+    held = []  # (name, layers, head, token source, the kernels folded or None)
+    for parts, split, threaded, huge, fold in layouts:
         layers = split_decoder_layers(model, parts=parts, threaded=threaded)
         name = ("threaded" if threaded else f"parts {parts}") + (", huge pages" if huge else "")
+        name += ", folded" if fold else ""
+        # What TokenSampler folds with (its `_fold_kernels`), float32 only.
+        kernels = [(c["q"].parts[0], c["o"].parts[0]) for c in (layer["cross_attn"] for layer in layers)]
+        kernels = kernels if fold and kernels[0][0].dtype == np.float32 else None
         if not split:
-            held.append((name, layers, None, None))
+            held.append((name, layers, None, None, kernels))
             continue
         head = OutMajor(_unstack(lm[None], parts)[0], threaded)  # as `split_head` cuts it
         if huge:
@@ -134,15 +146,16 @@ def main(argv=None) -> int:
             moved = onto_huge_pages(jax.tree.leaves((layers, head)))
             print(f"{name}: {moved / 2**20:.0f} MiB of weights moved onto huge pages in "
                   f"{time.perf_counter() - t:.2f} s")
-        held.append((name + " + head", layers, head, None))
-        held.append((name + " + head + host table", layers, head, host))
+        held.append((name + " + head", layers, head, None, kernels))
+        held.append((name + " + head + host table", layers, head, host, kernels))
     results: dict[int, list[tuple[str, float, list[float]]]] = {n: [] for n in args.images}
     for n in args.images:
         keys = image_keys(1, ["p"] * n, list(range(n)))
         times = {name: [] for name, *_ in held}
         for r in range(args.runs + 1):  # the first run compiles: not timed
-            for name, layers, head, source in held:
+            for name, layers, head, source, kernels in held:
                 sampler._layers, sampler._head, sampler._tokens = layers, head, source
+                sampler._fold_kernels = kernels
                 state = sampler.start(ids, mask, np.zeros(n, np.int32), 1)
                 jax.block_until_ready(state)
                 t = time.perf_counter()

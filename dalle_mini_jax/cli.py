@@ -196,7 +196,7 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = DalleMini.from_pretrained(args.model, args.vqgan, dtype=args.dtype, compile_ahead=False)
     # Compiled before generating, for these arguments: see DalleMini.compile_for.
     pipe.compile_for(len(args.prompts), args.num_images, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, guidance=args.guidance, batch_size=args.batch_size)
+                     top_p=args.top_p, guidance=args.guidance, batch_size=args.batch_size, prompts=args.prompts)
     images = pipe.generate(
         args.prompts, num_images=args.num_images, seed=args.seed, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, guidance=args.guidance, progress=not args.quiet,

@@ -519,10 +519,15 @@ class DalleMini:
                     top_k: int | None | ModelDefault = MODEL_DEFAULT,
                     top_p: float | None | ModelDefault = MODEL_DEFAULT,
                     guidance: float | None | ModelDefault = MODEL_DEFAULT,
-                    batch_size: int | None = 16) -> None:
+                    batch_size: int | None = 16, prompts: Sequence[str] | None = None) -> None:
         """Compile what `generate` of `num_prompts` prompts with these arguments (as there)
         will run, without running it (`TokenSampler.compile_ahead`); the VQGAN decode is
         compiled already. Does nothing with a mesh.
+
+        `prompts`, when known, stand for themselves (else `num_prompts` one-word ones):
+        with a folded cross-attention (`TokenSampler.fold_plan`) the prompts' token
+        counts are a shape of the compiled program too (DALL-E Mini on a CPU: one program
+        up to 14 real tokens with the unconditional prompt's 2, one up to 30, one beyond).
 
         Why: compiling the decode loop takes ~140 MiB of working memory for DALL-E Mini;
         done here, before a generation, it does not stack on the decode state and the
@@ -531,8 +536,8 @@ class DalleMini:
         """
         if self.mesh is not None:
             return
-        _, settings, batches = self._plan(["a"] * num_prompts, num_images, 0, temperature, top_k, top_p,
-                                          guidance, batch_size)
+        texts = ["a"] * num_prompts if prompts is None else ([prompts] if isinstance(prompts, str) else prompts)
+        _, settings, batches = self._plan(texts, num_images, 0, temperature, top_k, top_p, guidance, batch_size)
         for batch in batches:
             self.sampler.compile_ahead(*self._start_inputs(batch, settings), settings)
 

@@ -62,7 +62,7 @@ from . import cpu_dots
 from .cpu_dots import cpu_cores
 from .host_memory import compile_then_trim
 from .sharding import activate, constrain
-from .transformer import CACHE_AXES, DalleBart, DecodeCache, OutMajor, TableBits, host_rows
+from .transformer import CACHE_AXES, DalleBart, DecodeCache, OutMajor, TableBits, fold_cross_attention, host_rows
 
 # Defaults of the original dalle-mini inference notebook, which the released models were
 # shown with: condition scale 10, and top-k 50 (its `top_k=None` falls back to the HF
@@ -377,6 +377,7 @@ def start_state(
     uncond_row: jax.Array | None,
     enc_layers: list[Any] | None = None,
     token_rows: jax.Array | None = None,
+    fold: tuple | None = None,
 ) -> DecodeState:
     """Encode the distinct prompts once and build the decode state for the image rows.
 
@@ -390,6 +391,10 @@ def start_state(
         None for the model's stacked ones.
       token_rows: [P, T, D] float32 token-table rows of `input_ids`, for a model whose
         table is on the host (`DalleBart.encode`), else None.
+      fold: None, or (cols [U, 2] int32, col_valid [U] bool, kernels): fold the
+        cross-attention with the encoder's keys/values (`fold_cross_attention`) over the
+        U text positions cols[u] = (text row, position), those with col_valid, where
+        kernels are the L layers' (q, o) cross-attention kernels ([H*K, D], [D, H*K]).
 
     Returns:
       DecodeState with 2B rows (guided) or B rows.
@@ -407,13 +412,18 @@ def start_state(
     # reading layer l of a stacked cross cache copies that slice every step.
     names = CACHE_AXES[1:]
     zeros = lambda: constrain(jnp.zeros((R, H, S, K), small.self_k.dtype), names)  # noqa: E731
-    cache = DecodeCache(
-        self_k=[zeros() for _ in range(L)],
-        self_v=[zeros() for _ in range(L)],
-        cross_k=[constrain(small.cross_k[l, sel], names) for l in range(L)],
-        cross_v=[constrain(small.cross_v[l, sel], names) for l in range(L)],
-        enc_mask=small.enc_mask[sel],
-    )
+    if fold is not None:
+        cols, col_valid, kernels = fold
+        # [U, L, H, K]: the U positions' keys/values (advanced indices lead).
+        ks, vs = (c[:, cols[:, 0], :, cols[:, 1]] for c in (small.cross_k, small.cross_v))
+        qk, vo = zip(*(fold_cross_attention(q, o, ks[:, l], vs[:, l]) for l, (q, o) in enumerate(kernels)))
+        cross = dict(cross_k=None, cross_v=None, cross_qk=list(qk), cross_vo=list(vo),
+                     cross_valid=col_valid[None, :] & (cols[None, :, 0] == sel[:, None]))
+    else:
+        cross = dict(cross_k=[constrain(small.cross_k[l, sel], names) for l in range(L)],
+                     cross_v=[constrain(small.cross_v[l, sel], names) for l in range(L)])
+    cache = DecodeCache(self_k=[zeros() for _ in range(L)], self_v=[zeros() for _ in range(L)],
+                        enc_mask=small.enc_mask[sel], **cross)
     return DecodeState(
         cache=cache,
         tokens=jnp.zeros((B, S), jnp.int32),
@@ -706,13 +716,17 @@ def split_encoder_layers(model: DalleBart, release_stacked: bool = False) -> lis
     return split_layers(model.enc_layers, model.config.num_encoder_layers, (), release_stacked)
 
 
+# Folded cross-attention (`TokenSampler.fold_plan`): text positions in steps of this.
+FOLD_STEP = 16
+
+
 # Module-level jitted functions with the model's graphdef (and the mesh, which tracing
 # reads through `activate`) as static arguments: two samplers of the same architecture
 # share their compilations.
-def _start_impl(graphdef, mesh, params, enc_layers, input_ids, attention_mask, rows, uncond_row, token_rows):
+def _start_impl(graphdef, mesh, params, enc_layers, input_ids, attention_mask, rows, uncond_row, token_rows, fold):
     TRACE_COUNTS["start"] += 1
     model = nnx.merge(graphdef, params)
-    return start_state(model, input_ids, attention_mask, rows, uncond_row, enc_layers, token_rows)
+    return start_state(model, input_ids, attention_mask, rows, uncond_row, enc_layers, token_rows, fold)
 
 
 def _run_impl(graphdef, mesh, params, layers, head, token_table, state, keys, begin, end, temperature,
@@ -751,11 +765,16 @@ class TokenSampler:
         read row by row in the decode loop (`HostTable`). None: the model's own.
       cpu_kernels: multiply with `cpu_dots` on a CPU (`dot_layout`): True, False, or
         None for "when the model is big enough to gain".
+      fold_cross: fold the cross-attention with each generation's encoder keys/values
+        (`fold_cross_attention`), for float32 `cpu_dots` kernels: None when the folded
+        products read at most half the kernels' bytes (the prompts' real tokens, in
+        steps of `FOLD_STEP`, at most half a head's dimensions), True whatever the
+        prompts' lengths (tests), False never.
     """
 
     def __init__(self, model: DalleBart, mesh=None, release_stacked: bool = False,
                  text_table: np.ndarray | None = None, image_table: np.ndarray | None = None,
-                 cpu_kernels: bool | None = None):
+                 cpu_kernels: bool | None = None, fold_cross: bool | None = None):
         self.config = model.config
         self.mesh = mesh
         self._text_table = text_table
@@ -773,11 +792,18 @@ class TokenSampler:
             self._tokens = split_token_table(model) if release_stacked else None
         self._enc_layers = split_encoder_layers(model, release_stacked=release_stacked)
         self._graphdef, self._params = nnx.split(model)
+        # The cross-attention kernels to fold (`fold_plan`): threaded float32 ones only.
+        self._fold_kernels = None
+        if threaded and fold_cross is not False:
+            kernels = [(c["q"].parts[0], c["o"].parts[0]) for c in (layer["cross_attn"] for layer in self._layers)]
+            self._fold_kernels = kernels if all(w.dtype == jnp.float32 for w in kernels[0]) else None
+        self._fold_always = fold_cross is True
 
     def start(self, input_ids, attention_mask, rows, uncond_row: int | None) -> DecodeState:
         """See `start_state`; inputs are host arrays."""
         args = self._start_args(input_ids, attention_mask, rows, uncond_row)
-        self._compile_once(self._start_key(input_ids, rows, uncond_row), lambda: _jit_start.lower(*args))
+        self._compile_once(self._start_key(input_ids, attention_mask, rows, uncond_row),
+                           lambda: _jit_start.lower(*args))
         with activate(self.mesh):
             return _jit_start(*args)
 
@@ -806,17 +832,19 @@ class TokenSampler:
         if self.mesh is not None:
             raise ValueError("compile_ahead is for a sampler without a mesh")
         start = self.lower_start(input_ids, attention_mask, rows, uncond_row)
-        self._compile_once(self._start_key(input_ids, rows, uncond_row), lambda: start)
+        self._compile_once(self._start_key(input_ids, attention_mask, rows, uncond_row), lambda: start)
         state = start.out_info  # ShapeDtypeStructs
         self._compile_once(self._run_key(state, settings),
                            lambda: self.lower_run(state, keys, 0, self.config.image_len, settings))
 
-    @staticmethod
-    def _start_key(input_ids, rows, uncond_row) -> tuple:
-        return ("start", np.shape(input_ids), np.shape(rows), uncond_row is None)
+    def _start_key(self, input_ids, attention_mask, rows, uncond_row) -> tuple:
+        fold = self.fold_plan(attention_mask)  # the folded positions U are a shape too
+        return ("start", np.shape(input_ids), np.shape(rows), uncond_row is None, fold and fold[1].shape)
 
     def _run_key(self, state: DecodeState, settings: SamplingSettings) -> tuple:
-        return ("run", state.tokens.shape, self._top_k(settings), settings.guided, settings.uses_top_p)
+        valid = state.cache.cross_valid  # [rows, U] when folded
+        return ("run", state.tokens.shape, self._top_k(settings), settings.guided, settings.uses_top_p,
+                None if valid is None else valid.shape)
 
     def _top_k(self, settings: SamplingSettings) -> int | None:
         """`settings.top_k` as the decode loop takes it (a static int, or None)."""
@@ -847,10 +875,35 @@ class TokenSampler:
             return _jit_run.lower(*args, top_k=top_k)
 
     def _start_args(self, input_ids, attention_mask, rows, uncond_row) -> tuple:
+        fold = self.fold_plan(attention_mask)
         return (self._graphdef, self.mesh, self._params, self._enc_layers,
                 jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
                 jnp.asarray(rows, jnp.int32), None if uncond_row is None else jnp.int32(uncond_row),
-                self.token_rows(input_ids))
+                self.token_rows(input_ids),
+                None if fold is None else (jnp.asarray(fold[0]), jnp.asarray(fold[1]), self._fold_kernels))
+
+    def fold_plan(self, attention_mask) -> tuple[np.ndarray, np.ndarray] | None:
+        """The text positions a start folds the cross-attention over (`start_state`'s
+        `fold`), or None where it does not fold.
+
+        Every prompt's real tokens in one list of U, padded to a multiple of `FOLD_STEP`:
+        the folded products read U / K of the kernels' bytes (K the head size), and the
+        steps keep the number of compiled variants small (a different U is a different
+        program: with DALL-E Mini's K = 64, U = 16 or 32).
+
+        Returns:
+          (cols [U, 2] int32 (text row, position), col_valid [U] bool) or None.
+        """
+        if self._fold_kernels is None:
+            return None
+        text_rows, positions = np.nonzero(np.asarray(attention_mask))
+        n = text_rows.size
+        U = -(-max(n, 1) // FOLD_STEP) * FOLD_STEP
+        if not self._fold_always and 2 * U > self.config.head_dim:
+            return None
+        cols = np.zeros((U, 2), np.int32)
+        cols[:n, 0], cols[:n, 1] = text_rows, positions
+        return cols, np.arange(U) < n
 
     def decode_step(self, model: DalleBart, last: jax.Array, position: jax.Array,
                     cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:

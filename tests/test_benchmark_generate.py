@@ -59,3 +59,23 @@ def test_paired_steps_take_each_loop_against_the_faster_read_around_it(monkeypat
     # ratios 1.0, 1.1, 1.08: the median
     assert s["step_over_floor_paired"] == pytest.approx(36.0 / floors[2])
     assert s["paired_floor_ms"] == floors
+    assert s["step_over_read_floor_paired"] is None and s["folded_positions"] is None
+    # A folded step reads 0.8 of the bytes: each loop's ratio against its own floor is 1 / 0.8 that.
+    r["ours1"].update(read_bytes=8 * 10**8, folded_positions=16)
+    s = generate.summarize(args, r, {"best": 25e9, "threads": 2}, 10**9, md_runs=3)
+    assert s["step_over_read_floor_paired"] == pytest.approx(36.0 / floors[2] / 0.8)
+    assert s["step_read_mb"] == pytest.approx(800) and s["folded_positions"] == 16
+
+
+def test_read_step_bytes_counts_the_folded_cross_attention():
+    """DALL-E Mini fp32, one guided 9-token prompt (16 positions): each layer reads two
+    1 MiB folded matrices instead of its two 4 MiB q and o kernels."""
+    from dalle_mini_jax.config import TRANSFORMER_PRESETS
+
+    cfg = TRANSFORMER_PRESETS["mini"]
+    full = generate.step_bytes(cfg, "float32")
+    assert generate.read_step_bytes(cfg, "float32", None) == full
+    assert full - generate.read_step_bytes(cfg, "float32", 16) == 12 * 2 * (4 * 2**20 - 2**20)
+    assert generate.read_step_bytes(cfg, "float32", 16) / 1e6 == pytest.approx(697, abs=1)
+    # bf16 kernels (2 bytes a weight) against float32 folded matrices
+    assert generate.step_bytes(cfg, "bfloat16") - generate.read_step_bytes(cfg, "bfloat16", 16) == 12 * 2 * 2**20

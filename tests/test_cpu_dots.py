@@ -174,6 +174,107 @@ def test_sampler_picks_cpu_dots_by_size_and_gives_the_same_images():
     np.testing.assert_array_equal(tokens[0], tokens[1])
 
 
+def test_fold_cross_attention_is_the_attention_it_folds():
+    """The folded products give the attention's logits and its output through the o
+    kernel, per head, for keys/values of any U positions."""
+    from dalle_mini_jax.attention import attention_weights
+    from dalle_mini_jax.transformer import fold_cross_attention
+
+    rng = np.random.default_rng(5)
+    H, K, D, U, B = 4, 16, 64, 7, 3
+    q, o = (rng.standard_normal(s, dtype=np.float32) for s in ((H * K, D), (D, H * K)))  # out-major
+    k, v = (rng.standard_normal((U, H, K), dtype=np.float32) for _ in range(2))
+    x = rng.standard_normal((B, D), dtype=np.float32)
+    qk, vo = fold_cross_attention(jnp.asarray(q), jnp.asarray(o), jnp.asarray(k), jnp.asarray(v))
+    assert qk.shape == (H * U, D) and vo.shape == (D, H * U)
+    heads = (x @ q.T).reshape(B, 1, H, K)
+    want = np.asarray(attention_weights(heads, np.broadcast_to(k, (B, U, H, K)), None))[:, :, 0]  # [B, H, U]
+    logits = np.asarray(jnp.asarray(x) @ qk.T).reshape(B, H, U)
+    got = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(got / got.sum(-1, keepdims=True), want, rtol=1e-4, atol=1e-6)
+    out = np.einsum("bhu,uhk->bhk", want, v).reshape(B, H * K) @ o.T
+    np.testing.assert_allclose(np.asarray(jnp.asarray(want.reshape(B, H * U)) @ vo.T), out, rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_folds_the_cross_attention_with_the_same_images():
+    """Folded (`fold_cross=True`: the tiny model's head size is too small to gain, so it
+    is forced) against the plain cross-attention: two prompts of different lengths and
+    the unconditional one, three images; same step logits, same tokens, and each row
+    attends only to its own prompt's real tokens."""
+    cfg = transformer_preset("tiny")
+    model = DalleBart(cfg, rngs=nnx.Rngs(0))
+    randomize(model, 3)
+    ids, mask = (np.asarray(a) for a in text_batch(cfg, [9, 4, 2]))
+    rows, keys = np.asarray([0, 1, 1], np.int32), image_keys(0, ["a", "b", "b"], [0, 0, 1])
+    settings = SamplingSettings(top_k=8, guidance=3.0)
+    logits, tokens = {}, {}
+    for fold in (False, True):
+        sampler = TokenSampler(model, cpu_kernels=True, fold_cross=fold)
+        state = sampler.start(ids, mask, rows, 2)
+        assert (state.cache.cross_qk is not None) == fold and (state.cache.cross_k is None) == fold
+        valid = np.asarray(state.cache.cross_valid) if fold else None  # `run` consumes the state
+        fed = jnp.concatenate([state.last, state.last])
+        logits[fold] = np.asarray(sampler.decode_step(model, fed, jnp.int32(0), state.cache)[0])
+        tokens[fold] = np.asarray(sampler.run(state, keys, 0, cfg.image_len, settings).tokens)
+    assert rel_err(logits[True], logits[False]) < 1e-5
+    np.testing.assert_array_equal(tokens[True], tokens[False])
+    cols, col_valid = sampler.fold_plan(mask)
+    assert cols.shape == (16, 2) and col_valid.sum() == 15  # 9 + 4 + 2 real tokens
+    assert valid.shape == (6, 16)  # rows: images 0-2, then their unconditional rows
+    for r, text_row in enumerate([0, 1, 1, 2, 2, 2]):
+        np.testing.assert_array_equal(np.flatnonzero(valid[r]), np.flatnonzero(col_valid & (cols[:, 0] == text_row)))
+
+
+def test_folded_programs_compile_once_per_step_of_positions():
+    """The prompts' token counts are a shape of a folded program only in steps of 16:
+    compiled ahead for 9 real tokens (+2 unconditional), a start and run with 12 trace
+    nothing; two prompts (9 + 9 + 2 = 20 positions) are the next program."""
+    from dalle_mini_jax import sampling
+
+    cfg = transformer_preset("tiny")
+    model = DalleBart(cfg, rngs=nnx.Rngs(0))
+    sampler = TokenSampler(model, cpu_kernels=True, fold_cross=True)
+    settings = SamplingSettings(top_k=5, guidance=2.0)
+    rows, keys = np.zeros(1, np.int32), image_keys(0, ["a"], [0])
+
+    def inputs(*lengths):
+        ids, mask = text_batch(cfg, list(lengths) + [2])
+        return np.asarray(ids), np.asarray(mask)
+
+    sampler.compile_ahead(*inputs(9), rows, 1, keys, settings)
+    before = dict(sampling.TRACE_COUNTS)
+    state = sampler.start(*inputs(12), rows, 1)
+    assert state.cache.cross_valid.shape == (2, 16)
+    sampler.run(state, keys, 0, 4, settings)
+    assert dict(sampling.TRACE_COUNTS) == before
+    state = sampler.start(*inputs(9, 9), rows, 2)
+    assert state.cache.cross_valid.shape == (2, 32)
+    sampler.run(state, keys, 0, 4, settings)
+    assert sampling.TRACE_COUNTS["start"] == before["start"] + 1 and sampling.TRACE_COUNTS["run"] == before["run"] + 1
+
+
+def test_fold_plan_folds_when_it_reads_at_most_half():
+    """By default a sampler folds when the prompts' real tokens, in steps of 16, are at
+    most half a head's size (DALL-E Mini's 64: up to 32 tokens, the unconditional
+    prompt's included), only for threaded float32 kernels; `fold_cross=False` never."""
+    cfg = transformer_preset("shapes")  # head size 64, as DALL-E Mini
+    model = DalleBart(cfg, rngs=nnx.Rngs(0))
+
+    def mask(*lengths):
+        return np.asarray(text_batch(cfg, list(lengths))[1])
+
+    sampler = TokenSampler(model, cpu_kernels=True)
+    assert sampler.fold_plan(mask(9, 2))[0].shape == (16, 2)
+    assert sampler.fold_plan(mask(14, 2))[0].shape == (16, 2)
+    assert sampler.fold_plan(mask(15, 2))[0].shape == (32, 2)
+    assert sampler.fold_plan(mask(20, 10, 2))[0].shape == (32, 2)
+    assert sampler.fold_plan(mask(31, 2)) is None
+    assert TokenSampler(model, cpu_kernels=True, fold_cross=False).fold_plan(mask(9, 2)) is None
+    assert TokenSampler(model, cpu_kernels=False).fold_plan(mask(9, 2)) is None  # XLA's dots: not folded
+    bf16 = DalleBart(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert TokenSampler(bf16, cpu_kernels=True).fold_plan(mask(9, 2)) is None
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setattr(cpu_dots, "_state", {})
     monkeypatch.setenv("DALLE_MINI_JAX_CPU_DOTS", "0")
