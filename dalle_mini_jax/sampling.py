@@ -33,7 +33,9 @@ dense kernel is held [out, in] (`OutMajor`). On a CPU, for a model big enough to
 built on first use that splits each over all cores and reads only the cache
 positions written so far; otherwise each kernel is cut in one part per core
 (`kernel_parts`), the layout and the concurrency XLA:CPU multiplies a few rows
-fastest with.
+fastest with. With float32 `cpu_dots` kernels the start also folds the
+cross-attention's q and o kernels with the prompts' keys/values when that reads less
+(`fold_cross_attention`, `TokenSampler.fold_plan`).
 `TokenSampler.run(state, start, stop)` runs decode steps start..stop-1 as one
 `lax.fori_loop` inside one jitted call, with the state donated so the cache is
 updated in place. Step bounds are traced values, so a full 256-step run and a run in
