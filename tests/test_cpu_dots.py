@@ -226,6 +226,25 @@ def test_sampler_folds_the_cross_attention_with_the_same_images():
         np.testing.assert_array_equal(np.flatnonzero(valid[r]), np.flatnonzero(col_valid & (cols[:, 0] == text_row)))
 
 
+def test_folded_image_does_not_depend_on_the_other_prompts():
+    """Folded, a prompt's columns sit at other offsets among more positions when other
+    prompts share the call (U 16 alone, 32 with two more): its image stays the same."""
+    cfg = transformer_preset("tiny")
+    model = DalleBart(cfg, rngs=nnx.Rngs(0))
+    randomize(model, 4)
+    sampler = TokenSampler(model, cpu_kernels=True, fold_cross=True)
+    ids, mask = (np.asarray(a) for a in text_batch(cfg, [5, 9, 7, 2], seed=3))  # B, A, C, unconditional
+    settings = SamplingSettings(top_k=8, guidance=3.0)
+
+    def image_of_a(text_rows):
+        sub = [*text_rows, 3]
+        state = sampler.start(ids[sub], mask[sub], np.asarray([text_rows.index(1)], np.int32), len(text_rows))
+        assert state.cache.cross_valid.shape[1] == (16 if len(text_rows) == 1 else 32)
+        return np.asarray(sampler.run(state, image_keys(0, ["A"], [0]), 0, cfg.image_len, settings).tokens)[0]
+
+    np.testing.assert_array_equal(image_of_a([0, 1, 2]), image_of_a([1]))
+
+
 def test_folded_programs_compile_once_per_step_of_positions():
     """The prompts' token counts are a shape of a folded program only in steps of 16:
     compiled ahead for 9 real tokens (+2 unconditional), a start and run with 12 trace
