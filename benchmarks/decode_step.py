@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     from dalle_mini_jax import cpu_dots
-    from dalle_mini_jax.sampling import (HostTable, SamplingSettings, TokenSampler, _unstack, image_keys,
-                                         kernel_parts, split_decoder_layers)
+    from dalle_mini_jax.sampling import (HostTable, SamplingSettings, TokenSampler, _unstack, fold_kernels,
+                                         image_keys, kernel_parts, split_decoder_layers)
     from dalle_mini_jax.transformer import DalleBart, OutMajor
 
     model = DalleBart.from_pretrained(args.model_dir, dtype=args.dtype)
@@ -134,9 +134,7 @@ def main(argv=None) -> int:
         layers = split_decoder_layers(model, parts=parts, threaded=threaded)
         name = ("threaded" if threaded else f"parts {parts}") + (", huge pages" if huge else "")
         name += ", folded" if fold else ""
-        # What TokenSampler folds with (its `_fold_kernels`), float32 only.
-        kernels = [(c["q"].parts[0], c["o"].parts[0]) for c in (layer["cross_attn"] for layer in layers)]
-        kernels = kernels if fold and kernels[0][0].dtype == np.float32 else None
+        kernels = fold_kernels(layers) if fold else None  # what a TokenSampler folds with
         if not split:
             held.append((name, layers, None, None, kernels))
             continue

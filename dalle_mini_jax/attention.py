@@ -41,17 +41,19 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
     """`attention`'s softmax: float32 [B, H, Q, L] (q, k, mask as there)."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask, logits, NEG_INF)
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(logits, axis=-1) if mask is None else masked_softmax(logits, mask)
+
+
+def masked_softmax(logits: jax.Array, valid: jax.Array) -> jax.Array:
+    """Softmax over the last axis of `logits`, only where `valid` (broadcast to them)."""
+    return jax.nn.softmax(jnp.where(valid, logits, NEG_INF), axis=-1)
 
 
 def attend_one_weights(q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array:
     """`attend_one`'s softmax: float32 [B, H, S] (q, k, valid as there)."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bhk,bhsk->bhs", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(valid[:, None, :], logits, NEG_INF)
-    return jax.nn.softmax(logits, axis=-1)
+    return masked_softmax(logits, valid[:, None, :])
 
 
 def attend_one(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:

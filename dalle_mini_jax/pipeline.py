@@ -536,7 +536,7 @@ class DalleMini:
         """
         if self.mesh is not None:
             return
-        texts = ["a"] * num_prompts if prompts is None else ([prompts] if isinstance(prompts, str) else prompts)
+        texts = ["a"] * num_prompts if prompts is None else prompts  # `_plan` takes one str too
         _, settings, batches = self._plan(texts, num_images, 0, temperature, top_k, top_p, guidance, batch_size)
         for batch in batches:
             self.sampler.compile_ahead(*self._start_inputs(batch, settings), settings)

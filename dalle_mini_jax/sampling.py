@@ -64,7 +64,8 @@ from . import cpu_dots
 from .cpu_dots import cpu_cores
 from .host_memory import compile_then_trim
 from .sharding import activate, constrain
-from .transformer import CACHE_AXES, DalleBart, DecodeCache, OutMajor, TableBits, fold_cross_attention, host_rows
+from .transformer import (CACHE_AXES, DalleBart, DecodeCache, OutMajor, TableBits, _one_job, fold_cross_attention,
+                          host_rows)
 
 # Defaults of the original dalle-mini inference notebook, which the released models were
 # shown with: condition scale 10, and top-k 50 (its `top_k=None` falls back to the HF
@@ -722,6 +723,15 @@ def split_encoder_layers(model: DalleBart, release_stacked: bool = False) -> lis
 FOLD_STEP = 16
 
 
+def fold_kernels(layers: list[dict]) -> list[tuple[jax.Array, jax.Array]] | None:
+    """The L layers' (q, o) cross-attention kernels a sampler can fold (`start_state`'s
+    `fold`): threaded (`cpu_dots`) float32 `OutMajor` ones only, else None."""
+    c = layers[0]["cross_attn"]
+    if not (_one_job(c["q"], c["o"]) and all(w.parts[0].dtype == jnp.float32 for w in (c["q"], c["o"]))):
+        return None
+    return [(layer["cross_attn"]["q"].parts[0], layer["cross_attn"]["o"].parts[0]) for layer in layers]
+
+
 # Module-level jitted functions with the model's graphdef (and the mesh, which tracing
 # reads through `activate`) as static arguments: two samplers of the same architecture
 # share their compilations.
@@ -794,11 +804,7 @@ class TokenSampler:
             self._tokens = split_token_table(model) if release_stacked else None
         self._enc_layers = split_encoder_layers(model, release_stacked=release_stacked)
         self._graphdef, self._params = nnx.split(model)
-        # The cross-attention kernels to fold (`fold_plan`): threaded float32 ones only.
-        self._fold_kernels = None
-        if threaded and fold_cross is not False:
-            kernels = [(c["q"].parts[0], c["o"].parts[0]) for c in (layer["cross_attn"] for layer in self._layers)]
-            self._fold_kernels = kernels if all(w.dtype == jnp.float32 for w in kernels[0]) else None
+        self._fold_kernels = fold_kernels(self._layers) if fold_cross is not False else None
         self._fold_always = fold_cross is True
 
     def start(self, input_ids, attention_mask, rows, uncond_row: int | None) -> DecodeState:
